@@ -1,0 +1,87 @@
+"""The aiohttp application: signalling, API, health, metrics and pages wired together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from skyclass.media import aiortc_glue
+
+from . import metrics, signalling
+from .config import Config
+from .errors import HttpError, error_middleware
+from .rooms import RoomRegistry
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+async def api_rooms(request: web.Request) -> web.Response:
+    rooms: RoomRegistry = request.app["rooms"]
+    return web.json_response({"rooms": [room.state() for room in rooms.rooms.values()]})
+
+
+async def api_room(request: web.Request) -> web.Response:
+    rooms: RoomRegistry = request.app["rooms"]
+    name = request.match_info["room"]
+    room = rooms.get(name)
+    if room is None:
+        # An empty room is not an error for a page polling before the lesson starts.
+        return web.json_response({"room": name, "live": False, "publisher": None, "viewers": 0,
+                                  "codecs": {}, "started_at": None})
+    return web.json_response(room.state())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "uptime": time.monotonic() - request.app["started"]})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    return web.json_response({"ready": True})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = metrics.render(request.app["metrics"])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _page(name: str):
+    async def handler(request: web.Request) -> web.FileResponse:
+        path = WEB_DIR / name
+        if not path.exists():
+            raise HttpError(404, "not found", f"page {name} is missing")
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return handler
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    await app["rooms"].close()
+
+
+def create_app(config: Config) -> web.Application:
+    aiortc_glue.restrict_host_addresses(config.ice_addresses or None)
+    aiortc_glue.set_consent_timeout(config.peer_timeout)
+    app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024)
+    app["config"] = config
+    app["secret"] = config.resolved_secret()
+    app["rooms"] = RoomRegistry(keyframe_interval=config.keyframe_interval)
+    app["metrics"] = metrics.make_registry(app["rooms"])
+    app["started"] = time.monotonic()
+    signalling.add_routes(app)
+    app.router.add_get("/api/rooms", api_rooms)
+    app.router.add_get("/api/rooms/{room}", api_room)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/", _page("index.html"))
+    app.router.add_get("/teach/{room}", _page("teach.html"))
+    app.router.add_get("/watch/{room}", _page("watch.html"))
+    if WEB_DIR.exists():
+        app.router.add_static("/static/", WEB_DIR)
+    app.on_shutdown.append(_on_shutdown)
+    return app

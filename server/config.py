@@ -1,0 +1,90 @@
+"""Server configuration: one dataclass, filled from command-line flags and SKYCLASS_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    data: Path = Path("data")
+    redis: Optional[str] = None
+    secret: str = ""
+    ice_addresses: list[str] = field(default_factory=list)
+    workers: int = 0  # 0 = one per core
+    max_viewers_per_worker: int = 150
+    peer_timeout: float = 10.0
+    keyframe_interval: float = 0.5
+    public_url: Optional[str] = None
+
+    def resolved_secret(self) -> str:
+        """The configured secret, or one kept under the data directory so tokens survive restarts."""
+        if self.secret:
+            return self.secret
+        path = self.data / "secret"
+        if path.exists():
+            return path.read_text().strip()
+        self.data.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(32)
+        path.write_text(value)
+        path.chmod(0o600)
+        return value
+
+
+def _env(name: str) -> Optional[str]:
+    return os.environ.get("SKYCLASS_" + name.upper().replace("-", "_"))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``skyclass serve``; each defaults to its SKYCLASS_* variable, then to Config's default."""
+    d = Config()
+
+    def env_or(name: str, default: object) -> object:
+        value = _env(name)
+        return default if value is None else value
+
+    parser.add_argument("--host", default=env_or("host", d.host))
+    parser.add_argument("--port", type=int, default=int(env_or("port", d.port)))
+    parser.add_argument("--data", type=Path, default=Path(str(env_or("data", d.data))))
+    parser.add_argument("--redis", default=env_or("redis", None), help="redis://host:port/db for multi-node state")
+    parser.add_argument("--secret", default=env_or("secret", ""), help="token signing secret (default: kept in DATA/secret)")
+    ice_env = _env("ice_address")
+    parser.add_argument(
+        "--ice-address",
+        dest="ice_addresses",
+        action="append",
+        default=None,
+        help="host candidate address to offer (repeatable; default: all non-loopback interfaces)",
+    )
+    parser.set_defaults(_ice_env=ice_env.split(",") if ice_env else [])
+    parser.add_argument("--workers", type=int, default=int(env_or("workers", d.workers)))
+    parser.add_argument(
+        "--max-viewers-per-worker", type=int, default=int(env_or("max_viewers_per_worker", d.max_viewers_per_worker))
+    )
+    parser.add_argument(
+        "--peer-timeout", type=float, default=float(env_or("peer_timeout", d.peer_timeout)),
+        help="seconds without ICE consent before a vanished peer is dropped",
+    )
+    parser.add_argument("--public-url", default=env_or("public_url", None), help="base URL printed in demo links")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        host=args.host,
+        port=args.port,
+        data=args.data,
+        redis=args.redis or None,
+        secret=args.secret,
+        ice_addresses=args.ice_addresses or args._ice_env,
+        workers=args.workers,
+        max_viewers_per_worker=args.max_viewers_per_worker,
+        peer_timeout=args.peer_timeout,
+        public_url=args.public_url,
+    )

@@ -1,0 +1,56 @@
+"""Prometheus exposition of the node's rooms and forwarding counters (read at scrape time)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .rooms import RoomRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_COUNTERS = {
+    "packets_in": ("skyclass_rtp_packets_in", "RTP packets received from publishers"),
+    "bytes_in": ("skyclass_rtp_bytes_in", "RTP bytes received from publishers"),
+    "packets_out": ("skyclass_rtp_packets_out", "RTP packets forwarded to viewers"),
+    "bytes_out": ("skyclass_rtp_bytes_out", "SRTP bytes forwarded to viewers"),
+    "keyframe_requests_received": ("skyclass_keyframe_requests_received", "PLI/FIR received from viewers"),
+    "keyframe_requests_sent": ("skyclass_keyframe_requests_sent", "PLIs sent to publishers after aggregation"),
+    "nacks_received": ("skyclass_nacks_received", "NACKed packets reported by viewers"),
+    "retransmissions": ("skyclass_retransmissions", "packets retransmitted from the packet cache"),
+    "dropped_slow_viewer": ("skyclass_packets_dropped_slow_viewer", "packets dropped because a viewer's socket was full"),
+}
+
+
+class SkyclassCollector:
+    def __init__(self, rooms: RoomRegistry) -> None:
+        self._rooms = rooms
+
+    def collect(self) -> Iterator[Metric]:
+        rooms = self._rooms
+        yield GaugeMetricFamily("skyclass_rooms", "rooms open on this node", value=len(rooms.rooms))
+        yield GaugeMetricFamily(
+            "skyclass_publishers", "publishing sessions", value=sum(1 for r in rooms.rooms.values() if r.publisher)
+        )
+        viewers = GaugeMetricFamily("skyclass_viewers", "viewing sessions per room", labels=["room"])
+        for room in rooms.rooms.values():
+            viewers.add_metric([room.name], len(room.viewers))
+        yield viewers
+        yield GaugeMetricFamily(
+            "skyclass_viewers_total", "viewing sessions on this node", value=sum(len(r.viewers) for r in rooms.rooms.values())
+        )
+        values = rooms.counters.as_dict()
+        for key, (name, help_text) in _COUNTERS.items():
+            yield CounterMetricFamily(name, help_text, value=values[key])
+
+
+def make_registry(rooms: RoomRegistry) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SkyclassCollector(rooms))  # type: ignore[arg-type]
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,119 @@
+"""Rooms on this node: a media Router plus the WHIP/WHEP sessions attached to it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from aiortc import RTCPeerConnection
+
+from skyclass.media.router import Consumer, MediaCounters, Producer, Router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Session:
+    """One WHIP (publisher) or WHEP (viewer) peer connection."""
+
+    kind: str  # "whip" | "whep"
+    room: str
+    name: str
+    pc: RTCPeerConnection
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    created_at: float = field(default_factory=time.time)
+    producers: list[Producer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def location(self) -> str:
+        return f"/{self.kind}/{self.room}/{self.id}"
+
+
+class Room:
+    def __init__(self, name: str, counters: MediaCounters, keyframe_interval: float) -> None:
+        self.name = name
+        self.router = Router(name, counters, keyframe_interval)
+        self.router.start()
+        self.publisher: Optional[Session] = None
+        self.viewers: dict[str, Session] = {}
+        self.started_at: Optional[float] = None
+
+    def state(self) -> dict:
+        return {
+            "room": self.name,
+            "live": self.publisher is not None and self.router.live,
+            "publisher": self.publisher.name if self.publisher else None,
+            "viewers": len(self.viewers),
+            "codecs": {k: v for k, v in self.router.codecs().items() if v},
+            "started_at": self.started_at,
+        }
+
+    @property
+    def idle(self) -> bool:
+        return self.publisher is None and not self.viewers
+
+
+class RoomRegistry:
+    """The rooms of this node. A room exists while anyone is in it: created by the first
+    publisher or viewer, dropped (with its codec choice) when the last one leaves."""
+
+    def __init__(self, keyframe_interval: float = 0.5) -> None:
+        self.counters = MediaCounters()
+        self.keyframe_interval = keyframe_interval
+        self.rooms: dict[str, Room] = {}
+        self.sessions: dict[str, Session] = {}
+
+    def get(self, name: str) -> Optional[Room]:
+        return self.rooms.get(name)
+
+    def get_or_create(self, name: str) -> Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name, self.counters, self.keyframe_interval)
+            logger.info("room=%s created", name)
+        return room
+
+    def add_session(self, session: Session) -> None:
+        room = self.get_or_create(session.room)
+        self.sessions[session.id] = session
+        if session.kind == "whip":
+            previous = room.publisher
+            room.publisher = session
+            if room.started_at is None:
+                room.started_at = time.time()
+            if previous is not None and previous is not session:
+                logger.info("room=%s publisher %s replaced by %s", room.name, previous.id, session.id)
+                asyncio.ensure_future(self.close_session(previous, reason="replaced"))
+        else:
+            room.viewers[session.id] = session
+
+    async def close_session(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        for consumer in session.consumers:
+            consumer.close()
+        for producer in session.producers:
+            producer.close()
+        room = self.rooms.get(session.room)
+        if room is not None:
+            if room.publisher is session:
+                # started_at stays: a teacher who reconnects continues the same lesson.
+                room.publisher = None
+            room.viewers.pop(session.id, None)
+            if room.idle:
+                room.router.close()
+                del self.rooms[room.name]
+                logger.info("room=%s closed (empty)", room.name)
+        logger.info("room=%s peer=%s %s session closed: %s", session.room, session.id, session.kind, reason)
+        await session.pc.close()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.close_session(s, "shutdown") for s in list(self.sessions.values())))

@@ -1,0 +1,1 @@
+"""skyclass: live classroom streaming and replay."""
