@@ -304,3 +304,63 @@ def set_consent_timeout(seconds: float) -> None:
     """
     aioice.ice.CONSENT_FAILURES = 4
     aioice.ice.CONSENT_INTERVAL = max(seconds / 4, 0.5)
+
+
+def observe_rtp(receiver: RTCRtpReceiver, observer: Callable[[RtpPacket], bool]) -> None:
+    """Let ``observer`` see each decrypted RTP packet before the stock receiver does.
+
+    Returning False drops the packet (as if lost on the network): tests use it to inject
+    loss that the receiver then NACKs. Client-side only; the server uses :func:`tap_receiver`.
+    """
+    original = receiver._handle_rtp_packet
+
+    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+        if observer(packet):
+            await original(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+
+
+def vanish(pc: RTCPeerConnection) -> None:
+    """Close ``pc``'s sockets without a word: no DTLS close_notify, no RTCP BYE, no DELETE.
+
+    This is a student whose laptop lid closed or whose Wi-Fi dropped; load tests and
+    tests use it to check the server notices by ICE consent alone.
+    """
+    seen = set()
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        if id(connection) in seen:
+            continue
+        seen.add(id(connection))
+        for protocol in list(connection._protocols):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        # Stop aioice's own consent task, or it would notice first and close politely.
+        task = connection._query_consent_task
+        if task is not None:
+            task.cancel()
+
+
+def intercept_datagrams(pc: RTCPeerConnection, accept: Callable[[bytes], bool]) -> None:
+    """Show every datagram ``pc`` receives to ``accept`` before ICE/DTLS/SRTP see it.
+
+    Returning False drops it as the network would: before SRTP, so a later retransmission
+    of the same packet is not mistaken for a replay. Load-test students also use it to
+    count RTP from the clear header without decrypting. Call after the local description
+    is set (the sockets exist from then on).
+    """
+    seen = set()
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        if id(connection) in seen:
+            continue
+        seen.add(id(connection))
+        for protocol in connection._protocols:
+            original = protocol.datagram_received
+
+            def datagram_received(data: bytes, addr: tuple, _original=original) -> None:
+                if accept(data):
+                    _original(data, addr)
+
+            protocol.datagram_received = datagram_received
