@@ -364,3 +364,19 @@ def intercept_datagrams(pc: RTCPeerConnection, accept: Callable[[bytes], bool]) 
                     _original(data, addr)
 
             protocol.datagram_received = datagram_received
+
+
+def stop_consent_checks(pc: RTCPeerConnection) -> None:
+    """Stop aioice's ICE consent checks (RFC 7675) on ``pc``.
+
+    Studio encoders in the ICE-lite style (FFmpeg's WHIP muxer) never answer consent
+    requests, so aioice would hang up on a healthy teacher after its timeout. For a
+    publisher the media itself is the proof of life: the server watches RTP arrival
+    instead (``RoomRegistry`` watchdog).
+    """
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        task = connection._query_consent_task
+        if task is not None and not task.done():
+            task.cancel()
+        connection._query_consent_task = None

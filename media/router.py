@@ -170,6 +170,8 @@ class Producer:
         self.payload_types = payload_types
         self.media_ssrc: Optional[int] = None
         self.closed = False
+        self.created_at = time.monotonic()
+        self.last_rtp_at: Optional[float] = None
         aiortc_glue.prevent_decoder(receiver)
         aiortc_glue.tap_receiver(receiver, self._on_rtp)
 
@@ -177,7 +179,12 @@ class Producer:
         if self.closed or self.stream.producer is not self or packet.payload_type not in self.payload_types:
             return
         self.media_ssrc = packet.ssrc
+        self.last_rtp_at = time.monotonic()
         self.stream.on_rtp(packet)
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since this track last delivered RTP (or since it was created)."""
+        return now - (self.last_rtp_at if self.last_rtp_at is not None else self.created_at)
 
     def send_pli(self) -> None:
         if self.media_ssrc is None or self.closed:

@@ -59,6 +59,10 @@ def _page(name: str):
     return handler
 
 
+async def _on_startup(app: web.Application) -> None:
+    app["rooms"].start()
+
+
 async def _on_shutdown(app: web.Application) -> None:
     await app["rooms"].close()
 
@@ -69,7 +73,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=256 * 1024)
     app["config"] = config
     app["secret"] = config.resolved_secret()
-    app["rooms"] = RoomRegistry(keyframe_interval=config.keyframe_interval)
+    app["rooms"] = RoomRegistry(keyframe_interval=config.keyframe_interval, peer_timeout=config.peer_timeout)
     app["metrics"] = metrics.make_registry(app["rooms"])
     app["started"] = time.monotonic()
     signalling.add_routes(app)
@@ -83,5 +87,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/watch/{room}", _page("watch.html"))
     if WEB_DIR.exists():
         app.router.add_static("/static/", WEB_DIR)
+    app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -63,11 +63,34 @@ class RoomRegistry:
     """The rooms of this node. A room exists while anyone is in it: created by the first
     publisher or viewer, dropped (with its codec choice) when the last one leaves."""
 
-    def __init__(self, keyframe_interval: float = 0.5) -> None:
+    def __init__(self, keyframe_interval: float = 0.5, peer_timeout: float = 10.0) -> None:
         self.counters = MediaCounters()
         self.keyframe_interval = keyframe_interval
+        self.peer_timeout = peer_timeout
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
+        self._watchdog: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch_publishers())
+
+    async def _watch_publishers(self) -> None:
+        """End a publisher whose media stopped for ``peer_timeout`` seconds.
+
+        Publishers are not checked by ICE consent (studio encoders do not answer it);
+        a teacher who sends nothing for that long is gone, and students get a clean
+        "not live" instead of a frozen picture.
+        """
+        while True:
+            await asyncio.sleep(min(1.0, self.peer_timeout / 4))
+            now = time.monotonic()
+            for room in list(self.rooms.values()):
+                session = room.publisher
+                if session is None or not session.producers:
+                    continue
+                if min(p.idle_for(now) for p in session.producers) > self.peer_timeout:
+                    await self.close_session(session, reason=f"no media for {self.peer_timeout:.0f}s")
 
     def get(self, name: str) -> Optional[Room]:
         return self.rooms.get(name)
@@ -116,4 +139,7 @@ class RoomRegistry:
         await session.pc.close()
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         await asyncio.gather(*(self.close_session(s, "shutdown") for s in list(self.sessions.values())))

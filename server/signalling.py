@@ -109,6 +109,8 @@ def _watch_connection(registry: RoomRegistry, session: Session) -> None:
         state = pc.connectionState
         logger.info("room=%s peer=%s %s connection %s", session.room, session.id, session.kind, state)
         if state == "connected":
+            if session.kind == "whip":
+                aiortc_glue.stop_consent_checks(pc)
             for consumer in session.consumers:
                 dtls = consumer._sender.transport
                 if aiortc_glue.dtls_connected(dtls):
