@@ -380,3 +380,21 @@ def stop_consent_checks(pc: RTCPeerConnection) -> None:
         if task is not None and not task.done():
             task.cancel()
         connection._query_consent_task = None
+
+
+def tap_sender_reports(receiver: RTCRtpReceiver, tap: Callable[[int, int, int], None]) -> None:
+    """Call ``tap(ssrc, ntp_timestamp, rtp_timestamp)`` for each RTCP SR the teacher sends.
+
+    SRs pair the teacher's RTP clocks with wall-clock time: the only sound basis for
+    audio/video sync in students' sender reports and in recordings.
+    """
+    from aiortc.rtp import RtcpSrPacket
+
+    original = receiver._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(packet, RtcpSrPacket):
+            tap(packet.ssrc, packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+        await original(packet)
+
+    receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]

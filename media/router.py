@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from aiortc import RTCRtpReceiver, RTCRtpTransceiver
 from aiortc.rtp import RtpPacket
@@ -52,6 +52,15 @@ class MediaCounters:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class PacketSink(Protocol):
+    """A subscriber inside the server (the recorder, a relay to another node): it gets
+    the stream's packets in the router's sequence/timestamp space, unencrypted."""
+
+    def on_rtp(self, seq: int, timestamp: int, marker: int, payload: bytes, entry_point: bool) -> None: ...
+
+    def on_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None: ...
 
 
 class Consumer:
@@ -174,6 +183,7 @@ class Producer:
         self.last_rtp_at: Optional[float] = None
         aiortc_glue.prevent_decoder(receiver)
         aiortc_glue.tap_receiver(receiver, self._on_rtp)
+        aiortc_glue.tap_sender_reports(receiver, self._on_sender_report)
 
     def _on_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         if self.closed or self.stream.producer is not self or packet.payload_type not in self.payload_types:
@@ -181,6 +191,10 @@ class Producer:
         self.media_ssrc = packet.ssrc
         self.last_rtp_at = time.monotonic()
         self.stream.on_rtp(packet)
+
+    def _on_sender_report(self, ssrc: int, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        if not self.closed and self.stream.producer is self:
+            self.stream.on_sender_report(ssrc, ntp_timestamp, rtp_timestamp)
 
     def idle_for(self, now: float) -> float:
         """Seconds since this track last delivered RTP (or since it was created)."""
@@ -212,6 +226,9 @@ class TrackStream:
         self.cache = PacketCache()
         self.producer: Optional[Producer] = None
         self._consumers: list[Consumer] = []
+        self._sinks: list[PacketSink] = []
+        # last teacher SR mapped into our timestamp space: (ntp, rtp, monotonic when seen)
+        self.sender_report: Optional[tuple[int, int, float]] = None
         self.keyframes = KeyframeRequester(self._send_keyframe_request, keyframe_interval)
         # mapping from the current source's seq/ts to ours
         self._source_ssrc: Optional[int] = None
@@ -276,6 +293,16 @@ class TrackStream:
         self.cache.put(CachedPacket(seq, ts, marker, payload))
         for consumer in self._consumers:
             consumer.forward(seq, ts, marker, payload, entry_point)
+        for sink in self._sinks:
+            sink.on_rtp(seq, ts, marker, payload, entry_point)
+
+    def on_sender_report(self, ssrc: int, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        if ssrc != self._source_ssrc:
+            return
+        rtp = (rtp_timestamp + self._ts_offset) & 0xFFFFFFFF
+        self.sender_report = (ntp_timestamp, rtp, time.monotonic())
+        for sink in self._sinks:
+            sink.on_sender_report(ntp_timestamp, rtp)
 
     def _switch_source(self, packet: RtpPacket) -> None:
         """A new teacher stream (reconnect, encoder restart): continue our numbering."""
@@ -291,6 +318,7 @@ class TrackStream:
             "room=%s kind=%s new source ssrc=%d (was %s)", self.room, self.kind, packet.ssrc, self._source_ssrc
         )
         self._source_ssrc = packet.ssrc
+        self.sender_report = None
         if self.detect_keyframe is not None:
             self.request_keyframe()
 
@@ -310,6 +338,17 @@ class TrackStream:
     def consumers(self) -> list[Consumer]:
         return list(self._consumers)
 
+    def add_sink(self, sink: PacketSink) -> None:
+        self._sinks.append(sink)
+        if self.detect_keyframe is not None:
+            self.request_keyframe()
+
+    def remove_sink(self, sink: PacketSink) -> None:
+        try:
+            self._sinks.remove(sink)
+        except ValueError:
+            pass
+
     # keyframes -----------------------------------------------------------------------
     def request_keyframe(self) -> None:
         self.keyframes.request()
@@ -321,18 +360,26 @@ class TrackStream:
 
     # RTCP ----------------------------------------------------------------------------
     def refresh_sender_reports(self) -> None:
-        """Pair "now" in NTP with our RTP clock extrapolated from the last packet, so the
-        students' sender reports (A/V sync, RTT) describe what they receive."""
+        """Pair "now" in NTP with our RTP clock, so the students' sender reports (A/V sync,
+        RTT) describe what they receive: from the teacher's last SR when there is one
+        (keeps the teacher's own audio/video alignment), else from the last packet."""
         if self._last_seq is None:
             return
-        elapsed = time.monotonic() - self._last_arrival
-        rtp_now = ts_add(self._last_ts, int(elapsed * self.clock_rate))
-        ntp = ntp_now()
+        now = time.monotonic()
+        if self.sender_report is not None:
+            sr_ntp, sr_rtp, seen = self.sender_report
+            elapsed = now - seen
+            ntp = sr_ntp + int(elapsed * (1 << 32))
+            rtp_now = ts_add(sr_rtp, int(elapsed * self.clock_rate))
+        else:
+            rtp_now = ts_add(self._last_ts, int((now - self._last_arrival) * self.clock_rate))
+            ntp = ntp_now()
         for consumer in self._consumers:
             consumer.report(ntp, rtp_now)
 
     def close(self) -> None:
         self.keyframes.close()
+        self._sinks.clear()
         for consumer in list(self._consumers):
             consumer.close()
         if self.producer is not None:
