@@ -40,7 +40,9 @@ async def error_middleware(
         body = json.dumps({"error": exc.error, "detail": exc.detail})
         return web.Response(status=exc.status, text=body, content_type="application/json", headers=exc.headers)
     except web.HTTPException as exc:
-        if exc.status >= 400 and not _is_plain(request) and request.path.startswith("/api/"):
+        if exc.status >= 400 and not _is_plain(request) and (request.path == "/api" or request.path.startswith("/api/")):
             body = json.dumps({"error": exc.reason, "detail": exc.text or ""})
-            return web.Response(status=exc.status, text=body, content_type="application/json")
+            # keep aiohttp's headers (Allow on a 405), not its text/plain body headers
+            headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+            return web.Response(status=exc.status, text=body, content_type="application/json", headers=headers)
         raise

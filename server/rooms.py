@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 from aiortc import RTCPeerConnection
 
@@ -33,6 +33,18 @@ class Session:
     @property
     def location(self) -> str:
         return f"/{self.kind}/{self.room}/{self.id}"
+
+
+class RoomObserver(Protocol):
+    """Told about publishers coming and going (the recorder, the state store, events)."""
+
+    def publisher_joined(self, room: "Room", session: Session) -> None: ...
+
+    def publisher_left(self, room: "Room", session: Session, ended: bool) -> None:
+        """``ended`` is True when the teacher ended the lesson (DELETE); False when the
+        connection was lost or replaced, and the teacher may be back in a moment."""
+
+    def room_closed(self, room: "Room") -> None: ...
 
 
 class Room:
@@ -69,6 +81,7 @@ class RoomRegistry:
         self.peer_timeout = peer_timeout
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
+        self.observers: list[RoomObserver] = []
         self._watchdog: Optional[asyncio.Task[None]] = None
 
     def start(self) -> None:
@@ -113,10 +126,12 @@ class RoomRegistry:
             if previous is not None and previous is not session:
                 logger.info("room=%s publisher %s replaced by %s", room.name, previous.id, session.id)
                 asyncio.ensure_future(self.close_session(previous, reason="replaced"))
+            for observer in self.observers:
+                observer.publisher_joined(room, session)
         else:
             room.viewers[session.id] = session
 
-    async def close_session(self, session: Session, reason: str) -> None:
+    async def close_session(self, session: Session, reason: str, ended: bool = False) -> None:
         if session.closed:
             return
         session.closed = True
@@ -130,10 +145,14 @@ class RoomRegistry:
             if room.publisher is session:
                 # started_at stays: a teacher who reconnects continues the same lesson.
                 room.publisher = None
+                for observer in self.observers:
+                    observer.publisher_left(room, session, ended)
             room.viewers.pop(session.id, None)
             if room.idle:
                 room.router.close()
                 del self.rooms[room.name]
+                for observer in self.observers:
+                    observer.room_closed(room)
                 logger.info("room=%s closed (empty)", room.name)
         logger.info("room=%s peer=%s %s session closed: %s", session.room, session.id, session.kind, reason)
         await session.pc.close()

@@ -238,7 +238,7 @@ async def session_delete(request: web.Request) -> web.Response:
     claims = require_grant(request, "publish" if kind == "whip" else "subscribe", room_name)
     if claims.name != session.name and "moderate" not in claims.grants:
         raise SignallingError(403, "this session belongs to someone else")
-    await registry.close_session(session, reason="DELETE")
+    await registry.close_session(session, reason="DELETE", ended=session.kind == "whip")
     return web.Response(status=200, text="session ended\n", content_type="text/plain")
 
 
