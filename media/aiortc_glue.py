@@ -18,6 +18,7 @@ from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCRtpTransc
 from aiortc.codecs import is_rtx
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
+from aiortc.clock import current_datetime
 from aiortc.rtp import RtpPacket, unwrap_rtx
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def tap_receiver(receiver: RTCRtpReceiver, tap: RtpTap) -> None:
         codec = codecs.get(packet.payload_type)
         if codec is None:
             return
-        active_ssrc[packet.ssrc] = None
+        active_ssrc[packet.ssrc] = current_datetime()
         stats = remote_streams.get(packet.ssrc)
         if stats is None:
             stats = remote_streams[packet.ssrc] = stream_statistics(codec.clockRate)

@@ -24,7 +24,7 @@ class PacketCache:
     __slots__ = ("_slots", "_mask")
 
     def __init__(self, size: int = 512) -> None:
-        if size & (size - 1):
+        if size <= 0 or size & (size - 1):
             raise ValueError("cache size must be a power of two")
         self._slots: list[Optional[CachedPacket]] = [None] * size
         self._mask = size - 1

@@ -230,6 +230,10 @@ class TrackStream:
         # last teacher SR mapped into our timestamp space: (ntp, rtp, monotonic when seen)
         self.sender_report: Optional[tuple[int, int, float]] = None
         self.keyframes = KeyframeRequester(self._send_keyframe_request, keyframe_interval)
+        # Where coalesced keyframe requests go: the teacher's PLI at the origin; set by
+        # the relay at an edge, to ask the origin.
+        self.upstream_keyframe: Optional[Callable[[], None]] = None
+        self.closed = False
         # mapping from the current source's seq/ts to ours
         self._source_ssrc: Optional[int] = None
         self._seq_offset = 0
@@ -283,13 +287,26 @@ class TrackStream:
                 self._seq_offset = (self._seq_offset - 1) & 0xFFFF
             return
         ts = (packet.timestamp + self._ts_offset) & 0xFFFFFFFF
+        detect = self.detect_keyframe
+        self._fan_out(seq, ts, packet.marker, payload, detect(payload) if detect is not None else True)
+
+    def on_relayed(self, seq: int, ts: int, marker: int, payload: bytes, entry_point: bool) -> None:
+        """A packet from the origin node, already in the room's sequence/timestamp space."""
+        self.counters.packets_in += 1
+        self.counters.bytes_in += len(payload) + 12
+        self.packets_in += 1
+        self._fan_out(seq, ts, marker, payload, entry_point)
+
+    def on_relayed_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        self.sender_report = (ntp_timestamp, rtp_timestamp, time.monotonic())
+        for sink in self._sinks:
+            sink.on_sender_report(ntp_timestamp, rtp_timestamp)
+
+    def _fan_out(self, seq: int, ts: int, marker: int, payload: bytes, entry_point: bool) -> None:
         if self._last_seq is None or seq_gt(seq, self._last_seq):
             self._last_seq = seq
             self._last_ts = ts
             self._last_arrival = time.monotonic()
-        marker = packet.marker
-        detect = self.detect_keyframe
-        entry_point = detect(payload) if detect is not None else True
         self.cache.put(CachedPacket(seq, ts, marker, payload))
         for consumer in self._consumers:
             consumer.forward(seq, ts, marker, payload, entry_point)
@@ -354,7 +371,9 @@ class TrackStream:
         self.keyframes.request()
 
     def _send_keyframe_request(self) -> None:
-        if self.producer is not None:
+        if self.upstream_keyframe is not None:
+            self.upstream_keyframe()
+        elif self.producer is not None:
             self.counters.keyframe_requests_sent += 1
             self.producer.send_pli()
 
@@ -378,6 +397,7 @@ class TrackStream:
             consumer.report(ntp, rtp_now)
 
     def close(self) -> None:
+        self.closed = True
         self.keyframes.close()
         self._sinks.clear()
         for consumer in list(self._consumers):

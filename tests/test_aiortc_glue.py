@@ -232,9 +232,6 @@ async def test_tap_and_prevent_decoder_on_a_real_receiver() -> None:
         await pc.close()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="media bug: tap_receiver stores None in __active_ssrc where aiortc stores a datetime, "
-                          "so RTCRtpReceiver.getSynchronizationSources() raises TypeError on a producer's receiver")
 async def test_tapped_receiver_keeps_synchronization_sources_usable() -> None:
     pc = RTCPeerConnection()
     receiver = pc.addTransceiver("video", direction="recvonly").receiver

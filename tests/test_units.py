@@ -269,8 +269,6 @@ def test_packet_cache_size_must_be_power_of_two(size: int) -> None:
         PacketCache(size)
 
 
-@pytest.mark.xfail(strict=True, reason="media bug: PacketCache(0) passes the power-of-two check "
-                   "(0 & -1 == 0) and then every put() raises IndexError")
 def test_packet_cache_refuses_size_zero() -> None:
     with pytest.raises(ValueError):
         PacketCache(0)
