@@ -14,6 +14,7 @@ from . import metrics, signalling
 from .config import Config
 from .errors import HttpError, error_middleware
 from .rooms import RoomRegistry
+from .workerpool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return web.json_response({"ready": True})
+    """Ready while a student could still be admitted somewhere on this node."""
+    pool = request.app.get("workers")
+    if pool is not None:
+        ready = pool.ready
+        detail = pool.worker_stats()
+    else:
+        rooms: RoomRegistry = request.app["rooms"]
+        viewers = sum(len(r.viewers) for r in rooms.rooms.values())
+        ready = viewers < request.app["config"].max_viewers_per_worker
+        detail = [{"worker": None, "viewers": viewers}]
+    return web.json_response({"ready": ready, "workers": detail}, status=200 if ready else 503)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -61,9 +72,17 @@ def _page(name: str):
 
 async def _on_startup(app: web.Application) -> None:
     app["rooms"].start()
+    config: Config = app["config"]
+    if config.workers > 0:
+        pool = WorkerPool(config, app["rooms"])
+        app["workers"] = pool
+        await pool.start()
 
 
 async def _on_shutdown(app: web.Application) -> None:
+    pool = app.get("workers")
+    if pool is not None:
+        await pool.close()
     await app["rooms"].close()
 
 
@@ -74,7 +93,7 @@ def create_app(config: Config) -> web.Application:
     app["config"] = config
     app["secret"] = config.resolved_secret()
     app["rooms"] = RoomRegistry(keyframe_interval=config.keyframe_interval, peer_timeout=config.peer_timeout)
-    app["metrics"] = metrics.make_registry(app["rooms"])
+    app["metrics"] = metrics.make_registry(app["rooms"], lambda: app.get("workers"))
     app["started"] = time.monotonic()
     signalling.add_routes(app)
     app.router.add_get("/api/rooms", api_rooms)

@@ -18,7 +18,7 @@ class Config:
     redis: Optional[str] = None
     secret: str = ""
     ice_addresses: list[str] = field(default_factory=list)
-    workers: int = 0  # 0 = one per core
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # 0 = fan out in the front process
     max_viewers_per_worker: int = 150
     peer_timeout: float = 10.0
     keyframe_interval: float = 0.5
@@ -64,7 +64,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="host candidate address to offer (repeatable; default: all non-loopback interfaces)",
     )
     parser.set_defaults(_ice_env=ice_env.split(",") if ice_env else [])
-    parser.add_argument("--workers", type=int, default=int(env_or("workers", d.workers)))
+    parser.add_argument(
+        "--workers", type=int, default=int(env_or("workers", d.workers)),
+        help="fan-out worker processes (default: one per core; 0 = fan out in the front process)",
+    )
     parser.add_argument(
         "--max-viewers-per-worker", type=int, default=int(env_or("max_viewers_per_worker", d.max_viewers_per_worker))
     )

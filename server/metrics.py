@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,9 +24,14 @@ _COUNTERS = {
 }
 
 
+# Counters a worker reports that describe the relay hop, not the node's ingress.
+_INGRESS_ONLY = ("packets_in", "bytes_in")
+
+
 class SkyclassCollector:
-    def __init__(self, rooms: RoomRegistry) -> None:
+    def __init__(self, rooms: RoomRegistry, pool: Callable[[], Optional[object]]) -> None:
         self._rooms = rooms
+        self._pool = pool
 
     def collect(self) -> Iterator[Metric]:
         rooms = self._rooms
@@ -42,13 +47,37 @@ class SkyclassCollector:
             "skyclass_viewers_total", "viewing sessions on this node", value=sum(len(r.viewers) for r in rooms.rooms.values())
         )
         values = rooms.counters.as_dict()
+        pool = self._pool()
+        workers = pool.worker_stats() if pool is not None else []  # type: ignore[attr-defined]
         for key, (name, help_text) in _COUNTERS.items():
-            yield CounterMetricFamily(name, help_text, value=values[key])
+            total = values[key]
+            if key not in _INGRESS_ONLY:
+                total += sum(w["counters"].get(key, 0) for w in workers)
+            yield CounterMetricFamily(name, help_text + " (node total)", value=total)
+        if not workers:
+            return
+        up = GaugeMetricFamily("skyclass_worker_up", "1 if the fan-out worker is running", labels=["worker"])
+        wv = GaugeMetricFamily("skyclass_worker_viewers", "viewers held by each fan-out worker", labels=["worker"])
+        restarts = CounterMetricFamily("skyclass_worker_restarts", "fan-out worker restarts", labels=["worker"])
+        for w in workers:
+            label = [str(w["worker"])]
+            up.add_metric(label, 1 if w["up"] else 0)
+            wv.add_metric(label, w["viewers"])
+            restarts.add_metric(label, w["restarts"])
+        yield up
+        yield wv
+        yield restarts
+        for key, (name, help_text) in _COUNTERS.items():
+            family = CounterMetricFamily(name.replace("skyclass_", "skyclass_worker_", 1), help_text + " per worker",
+                                         labels=["worker"])
+            for w in workers:
+                family.add_metric([str(w["worker"])], w["counters"].get(key, 0))
+            yield family
 
 
-def make_registry(rooms: RoomRegistry) -> CollectorRegistry:
+def make_registry(rooms: RoomRegistry, pool: Callable[[], Optional[object]] = lambda: None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SkyclassCollector(rooms))  # type: ignore[arg-type]
+    registry.register(SkyclassCollector(rooms, pool))  # type: ignore[arg-type]
     return registry
 
 

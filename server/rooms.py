@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Awaitable, Callable, Optional, Protocol
 
 from aiortc import RTCPeerConnection
 
@@ -23,12 +23,13 @@ class Session:
     kind: str  # "whip" | "whep"
     room: str
     name: str
-    pc: RTCPeerConnection
+    pc: Optional[RTCPeerConnection]  # None for a viewer served by a fan-out worker
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     created_at: float = field(default_factory=time.time)
     producers: list[Producer] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     closed: bool = False
+    worker: Optional[int] = None  # the fan-out worker that holds this viewer's peer connection
 
     @property
     def location(self) -> str:
@@ -82,6 +83,8 @@ class RoomRegistry:
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
         self.observers: list[RoomObserver] = []
+        # Ends a viewer held by a fan-out worker (set by the worker pool).
+        self.close_remote: Optional[Callable[[Session], Awaitable[None]]] = None
         self._watchdog: Optional[asyncio.Task[None]] = None
 
     def start(self) -> None:
@@ -131,7 +134,9 @@ class RoomRegistry:
         else:
             room.viewers[session.id] = session
 
-    async def close_session(self, session: Session, reason: str, ended: bool = False) -> None:
+    async def close_session(self, session: Session, reason: str, ended: bool = False,
+                            remote_ended: bool = False) -> None:
+        """End ``session``. ``remote_ended``: its worker already dropped it (or died)."""
         if session.closed:
             return
         session.closed = True
@@ -149,13 +154,21 @@ class RoomRegistry:
                     observer.publisher_left(room, session, ended)
             room.viewers.pop(session.id, None)
             if room.idle:
-                room.router.close()
-                del self.rooms[room.name]
-                for observer in self.observers:
-                    observer.room_closed(room)
-                logger.info("room=%s closed (empty)", room.name)
+                self.drop_room(room)
         logger.info("room=%s peer=%s %s session closed: %s", session.room, session.id, session.kind, reason)
-        await session.pc.close()
+        if session.pc is not None:
+            await session.pc.close()
+        elif self.close_remote is not None and not remote_ended:
+            await self.close_remote(session)
+
+    def drop_room(self, room: Room) -> None:
+        """Forget an empty room (and with it its codec choice)."""
+        if self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+        room.router.close()
+        for observer in self.observers:
+            observer.room_closed(room)
+        logger.info("room=%s closed (empty)", room.name)
 
     async def close(self) -> None:
         if self._watchdog is not None:

@@ -29,7 +29,7 @@ AUDIO_PREFERENCE = ("audio/opus",)
 def SignallingError(status: int, reason: str, headers: Optional[dict] = None) -> HttpError:
     """A WHIP/WHEP failure; the error middleware answers it as ``text/plain``."""
     error = {400: "bad request", 403: "forbidden", 404: "not found", 405: "method not allowed",
-             409: "conflict", 415: "unsupported media type"}.get(status, "error")
+             409: "conflict", 415: "unsupported media type", 503: "over capacity"}.get(status, "error")
     return HttpError(status, error, reason, headers)
 
 
@@ -147,12 +147,8 @@ async def whip_post(request: web.Request) -> web.Response:
                 continue
             # Prefer what the room already uses so a reconnecting teacher keeps the codec.
             transceiver = pc.addTransceiver(kind, direction="recvonly")
-            transceiver.setCodecPreferences(_codec_preferences(kind, None))
-            stream = room.router.streams[kind]
-            if stream.mime_type:
-                prefs = _codec_preferences(kind, stream.mime_type)
-                others = [c for c in _codec_preferences(kind, None) if c not in prefs]
-                transceiver.setCodecPreferences(prefs + others)
+            prefs = _codec_preferences(kind, room.router.streams[kind].mime_type)
+            transceiver.setCodecPreferences(prefs + [c for c in _codec_preferences(kind, None) if c not in prefs])
         answer = await _negotiate(pc, text)
         for transceiver in pc.getTransceivers():
             if transceiver.kind not in ("audio", "video") or transceiver.mid is None:
@@ -169,8 +165,7 @@ async def whip_post(request: web.Request) -> web.Response:
             raise SignallingError(400, "no usable audio or video codec in the offer (need H264/VP8 or Opus)")
     except Exception:
         if room.idle:
-            room.router.close()
-            registry.rooms.pop(room_name, None)
+            registry.drop_room(room)
         await pc.close()
         raise
     registry.add_session(session)
@@ -179,20 +174,18 @@ async def whip_post(request: web.Request) -> web.Response:
     return _created(session, answer)
 
 
-async def whep_post(request: web.Request) -> web.Response:
-    """Student watches: one Consumer per kind, fed by the room's Router."""
-    room_name = request.match_info["room"]
-    claims = require_grant(request, "subscribe", room_name)
-    text, description = await _read_offer(request)
-    registry: RoomRegistry = request.app["rooms"]
-    admission = request.app.get("admission")
-    if admission is not None:
-        admission(registry)
-    room = registry.get_or_create(room_name)
-    kinds = [m.kind for m in description.media if m.kind in ("audio", "video")]
+async def open_viewer(registry: RoomRegistry, room_name: str, name: str, offer_text: str,
+                      kinds: list[str], session_id: Optional[str] = None) -> tuple[Session, str]:
+    """Negotiate a student's session against this process's Router for ``room_name``.
 
+    Used by the front in single-process mode and by each fan-out worker. Returns the
+    registered session and the answer SDP, or raises an HTTP error with a reason.
+    """
+    room = registry.get_or_create(room_name)
     pc = _new_peer_connection()
-    session = Session(kind="whep", room=room_name, name=claims.name, pc=pc)
+    session = Session(kind="whep", room=room_name, name=name, pc=pc)
+    if session_id:
+        session.id = session_id
     try:
         transceivers = {}
         for kind in dict.fromkeys(kinds):
@@ -202,7 +195,7 @@ async def whep_post(request: web.Request) -> web.Response:
             transceiver = pc.addTransceiver(aiortc_glue.ParkedTrack(kind), direction="sendonly")
             transceiver.setCodecPreferences(_codec_preferences(kind, stream.mime_type))
             transceivers[kind] = transceiver
-        answer = await _negotiate(pc, text)
+        answer = await _negotiate(pc, offer_text)
         for kind, transceiver in transceivers.items():
             if transceiver.mid is None or not aiortc_glue.negotiated_codecs(transceiver):
                 continue
@@ -217,14 +210,39 @@ async def whep_post(request: web.Request) -> web.Response:
         for consumer in session.consumers:
             consumer.close()
         if room.idle:
-            room.router.close()
-            registry.rooms.pop(room_name, None)
+            registry.drop_room(room)
         await pc.close()
         raise
     registry.add_session(session)
     _watch_connection(registry, session)
-    logger.info("room=%s peer=%s student %s watching", room_name, session.id, claims.name)
+    return session, answer
+
+
+async def whep_post(request: web.Request) -> web.Response:
+    """Student watches: routed to a fan-out worker, or served here in single-process mode."""
+    room_name = request.match_info["room"]
+    claims = require_grant(request, "subscribe", room_name)
+    text, description = await _read_offer(request)
+    kinds = [m.kind for m in description.media if m.kind in ("audio", "video")]
+    registry: RoomRegistry = request.app["rooms"]
+    pool = request.app.get("workers")
+    if pool is not None:
+        session, answer = await pool.open_viewer(registry, room_name, claims.name, text, kinds)
+    else:
+        admit_local_viewer(request.app)
+        session, answer = await open_viewer(registry, room_name, claims.name, text, kinds)
+    logger.info("room=%s peer=%s student %s watching (worker %s)", room_name, session.id, claims.name,
+                session.worker if session.worker is not None else "-")
     return _created(session, answer)
+
+
+def admit_local_viewer(app: web.Application) -> None:
+    """Single-process admission: refuse past the capacity rather than degrade everyone."""
+    registry: RoomRegistry = app["rooms"]
+    cap = app["config"].max_viewers_per_worker
+    if sum(len(r.viewers) for r in registry.rooms.values()) >= cap:
+        raise SignallingError(503, f"this server is full ({cap} viewers); retry shortly",
+                              headers={"Retry-After": "5"})
 
 
 async def session_delete(request: web.Request) -> web.Response:
