@@ -58,6 +58,12 @@ async def test_lesson_with_many_students(server) -> None:
         assert state["live"] is True and state["viewers"] == 20 and state["publisher"] == "Ms T"
         assert state["codecs"]["video"].lower() == "video/h264"
         assert state["codecs"]["audio"].lower() == "audio/opus"
+        # the node's default is one fan-out worker per core: students were spread over them
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/readyz") as resp:
+                workers = (await resp.json())["workers"]
+        assert len(workers) >= 2 and all(w["viewers"] > 0 for w in workers), workers
+        assert sum(w["viewers"] for w in workers) == 20
     finally:
         for c in checkers:
             c.stop()
