@@ -237,8 +237,9 @@ async def test_pages_reconnect_after_a_server_restart(tmp_path, monkeypatch, bro
 async def test_over_capacity_honours_retry_after(server, browser) -> None:
     """A 503 shows the server's reason and the page waits Retry-After before it tries again.
 
-    The server's admission cap is not wired to WHEP yet, so the 503 is played by the browser's
-    request interception; everything else (page, server, token) is real.
+    The 503 is played by the browser's request interception, so the test does not depend on how
+    the server's admission cap is configured (it was not wired to WHEP when this was written);
+    everything else (page, server, token) is real.
     """
     room = "browser-full"
     posts: list[float] = []
