@@ -120,7 +120,7 @@ class RelaySink:
 class RelayOrigin:
     """The node that ingests rooms: serves edges' subscriptions from its streams.
 
-    ``lookup(room)`` returns the room's streams by kind (``{"audio": TrackStream, ...}``)
+    ``lookup(room)`` returns the room's streams by slot (``{"audio": TrackStream, ...}``)
     or None if the room is not here.
     """
 
@@ -192,11 +192,11 @@ class RelayOrigin:
             streams = self._lookup(room)
             if not streams:
                 continue
-            for kind, stream in streams.items():
+            for slot, stream in streams.items():
                 sid = self._stream_id(stream)
                 wanted.add(sid)
                 # Codec and identity every time: cheap, and an edge that restarted learns them.
-                info = {"room": room, "kind": kind, "mime": stream.mime_type, "clock": stream.clock_rate}
+                info = {"room": room, "slot": slot, "mime": stream.mime_type, "clock": stream.clock_rate}
                 self._transport.sendto(encode_json(MSG_STREAM_INFO, info, sid), addr)  # type: ignore[union-attr]
                 if sid not in current:
                     sink = RelaySink(sid, self._transport.sendto, addr)  # type: ignore[union-attr]
@@ -233,7 +233,7 @@ class RelayOrigin:
 class RelayEdge:
     """The fan-out side: receives rooms' streams from an origin and feeds local TrackStreams.
 
-    ``stream_for(room, kind)`` returns the local TrackStream to feed (created on demand);
+    ``stream_for(room, slot)`` returns the local TrackStream to feed (created on demand);
     ``rooms()`` the rooms this edge currently serves.
     """
 
@@ -294,7 +294,7 @@ class RelayEdge:
         elif kind == MSG_STREAM_INFO:
             _, sid = _ID.unpack_from(data)
             info = json.loads(data[_ID.size:])
-            stream = self._stream_for(info["room"], info["kind"])
+            stream = self._stream_for(info["room"], info["slot"])
             if self._streams.get(sid) is not stream:
                 self._streams[sid] = stream
                 stream.upstream_keyframe = lambda sid=sid: self.request_keyframe(sid)  # type: ignore[attr-defined]

@@ -216,9 +216,11 @@ class TrackStream:
     """One kind of media in a room as students see it: a single RTP stream whose
     sequence numbers and timestamps run on across teacher reconnects."""
 
-    def __init__(self, room: str, kind: str, counters: MediaCounters, keyframe_interval: float = 0.5) -> None:
+    def __init__(self, room: str, kind: str, counters: MediaCounters, keyframe_interval: float = 0.5,
+                 slot: Optional[str] = None) -> None:
         self.room = room
         self.kind = kind
+        self.slot = slot or kind
         self.counters = counters
         self.mime_type: Optional[str] = None
         self.clock_rate = 90000 if kind == "video" else 48000
@@ -262,13 +264,13 @@ class TrackStream:
             self.set_codec(mime_type, clock_rate)
         producer = Producer(self, receiver, peer_id, payload_types)
         self.producer = producer
-        logger.info("room=%s kind=%s producer attached peer=%s", self.room, self.kind, peer_id)
+        logger.info("room=%s slot=%s producer attached peer=%s", self.room, self.slot, peer_id)
         return producer
 
     def detach_producer(self, producer: Producer) -> None:
         if self.producer is producer:
             self.producer = None
-            logger.info("room=%s kind=%s producer detached peer=%s", self.room, self.kind, producer.peer_id)
+            logger.info("room=%s slot=%s producer detached peer=%s", self.room, self.slot, producer.peer_id)
 
     def on_rtp(self, packet: RtpPacket) -> None:
         """Map one incoming packet into the stream and fan it out."""
@@ -332,7 +334,7 @@ class TrackStream:
             self._seq_offset = (seq_add(self._last_seq, 1) - packet.sequence_number) & 0xFFFF
             self._ts_offset = (next_ts - packet.timestamp) & 0xFFFFFFFF
         logger.info(
-            "room=%s kind=%s new source ssrc=%d (was %s)", self.room, self.kind, packet.ssrc, self._source_ssrc
+            "room=%s slot=%s new source ssrc=%d (was %s)", self.room, self.slot, packet.ssrc, self._source_ssrc
         )
         self._source_ssrc = packet.ssrc
         self.sender_report = None
@@ -406,15 +408,32 @@ class TrackStream:
             self.producer.close()
 
 
-class Router:
-    """A room's media plane: one stream per kind, a housekeeping task for RTCP."""
+# A room's streams, by slot. The teacher publishes into the main slots; a student given
+# the floor publishes into the speaker slots. Students' offers pre-allocate them: their
+# first audio/video m-lines receive the teacher, the second ones the speaker, so a new
+# speaker reaches everyone without renegotiation (the slot's sequence space simply
+# continues, as on a teacher reconnect).
+SLOTS: dict[str, str] = {"audio": "audio", "video": "video", "speaker.audio": "audio", "speaker.video": "video"}
+SPEAKER_PREFIX = "speaker."
 
-    KINDS = ("audio", "video")
+
+def slot_for(kind: str, ordinal: int) -> Optional[str]:
+    """The slot the ``ordinal``-th (0-based) m-line of ``kind`` in a student's offer receives."""
+    if ordinal == 0:
+        return kind
+    if ordinal == 1:
+        return SPEAKER_PREFIX + kind
+    return None
+
+
+class Router:
+    """A room's media plane: one stream per slot, a housekeeping task for RTCP."""
 
     def __init__(self, room: str, counters: MediaCounters, keyframe_interval: float = 0.5) -> None:
         self.room = room
         self.counters = counters
-        self.streams = {kind: TrackStream(room, kind, counters, keyframe_interval) for kind in self.KINDS}
+        self.streams = {slot: TrackStream(room, kind, counters, keyframe_interval, slot=slot)
+                        for slot, kind in SLOTS.items()}
         self.started_at: Optional[float] = None
         self._task: Optional[asyncio.Task[None]] = None
 
@@ -430,10 +449,12 @@ class Router:
 
     @property
     def live(self) -> bool:
-        return any(s.producer is not None for s in self.streams.values())
+        """The teacher is publishing (a speaker alone does not make a lesson live)."""
+        return any(self.streams[kind].producer is not None for kind in ("audio", "video"))
 
     def codecs(self) -> dict[str, Optional[str]]:
-        return {kind: stream.mime_type for kind, stream in self.streams.items()}
+        """The codec of each slot that has one."""
+        return {slot: stream.mime_type for slot, stream in self.streams.items()}
 
     def close(self) -> None:
         if self._task is not None:

@@ -30,6 +30,7 @@ class Session:
     consumers: list[Consumer] = field(default_factory=list)
     closed: bool = False
     worker: Optional[int] = None  # the fan-out worker that holds this viewer's peer connection
+    speaker: bool = False  # a student publishing into the speaker slots
 
     @property
     def location(self) -> str:
@@ -54,6 +55,7 @@ class Room:
         self.router = Router(name, counters, keyframe_interval)
         self.router.start()
         self.publisher: Optional[Session] = None
+        self.speakers: dict[str, Session] = {}
         self.viewers: dict[str, Session] = {}
         self.started_at: Optional[float] = None
 
@@ -63,13 +65,14 @@ class Room:
             "live": self.publisher is not None and self.router.live,
             "publisher": self.publisher.name if self.publisher else None,
             "viewers": len(self.viewers),
+            "speakers": [s.name for s in self.speakers.values()],
             "codecs": {k: v for k, v in self.router.codecs().items() if v},
             "started_at": self.started_at,
         }
 
     @property
     def idle(self) -> bool:
-        return self.publisher is None and not self.viewers
+        return self.publisher is None and not self.viewers and not self.speakers
 
 
 class RoomRegistry:
@@ -121,7 +124,9 @@ class RoomRegistry:
     def add_session(self, session: Session) -> None:
         room = self.get_or_create(session.room)
         self.sessions[session.id] = session
-        if session.kind == "whip":
+        if session.kind == "whip" and session.speaker:
+            room.speakers[session.id] = session
+        elif session.kind == "whip":
             previous = room.publisher
             room.publisher = session
             if room.started_at is None:
@@ -153,6 +158,7 @@ class RoomRegistry:
                 for observer in self.observers:
                     observer.publisher_left(room, session, ended)
             room.viewers.pop(session.id, None)
+            room.speakers.pop(session.id, None)
             if room.idle:
                 self.drop_room(room)
         logger.info("room=%s peer=%s %s session closed: %s", session.room, session.id, session.kind, reason)

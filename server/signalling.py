@@ -10,9 +10,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSession
 from aiortc import sdp as aiortc_sdp
 
 from skyclass.media import aiortc_glue
-from skyclass.media.router import TrackStream
+from skyclass.media.router import SPEAKER_PREFIX, TrackStream, slot_for
 
-from .auth import require_grant
+from .auth import authenticate, require_grant
 from .errors import HttpError
 from .rooms import RoomRegistry, Session
 
@@ -128,10 +128,23 @@ def _created(session: Session, answer: str) -> web.Response:
     )
 
 
+def _publish_slot_prefix(request: web.Request, room_name: str):
+    """Who publishes into which slots: a teacher into the main ones; a student only while
+    the classroom gives them the floor, into the speaker slots. Raises 401/403 otherwise."""
+    claims = authenticate(request)
+    if claims.may("publish", room_name):
+        return claims, ""
+    classroom = request.app.get("classroom")
+    if classroom is not None and claims.room in (room_name, "*") and classroom.may_publish(room_name, claims):
+        return claims, SPEAKER_PREFIX
+    require_grant(request, "publish", room_name)  # raises the precise 403
+    raise SignallingError(403, "not allowed to publish here")
+
+
 async def whip_post(request: web.Request) -> web.Response:
-    """Teacher publishes: decrypt once, feed the room's Router."""
+    """Teacher (or a student given the floor) publishes: decrypt once, feed the room's Router."""
     room_name = request.match_info["room"]
-    claims = require_grant(request, "publish", room_name)
+    claims, prefix = _publish_slot_prefix(request, room_name)
     text, description = await _read_offer(request)
     registry: RoomRegistry = request.app["rooms"]
     room = registry.get_or_create(room_name)
@@ -140,14 +153,14 @@ async def whip_post(request: web.Request) -> web.Response:
         raise SignallingError(400, "WHIP offer must send media (sendonly or sendrecv m-lines)")
 
     pc = _new_peer_connection()
-    session = Session(kind="whip", room=room_name, name=claims.name, pc=pc)
+    session = Session(kind="whip", room=room_name, name=claims.name, pc=pc, speaker=bool(prefix))
     try:
         for kind in ("audio", "video"):
             if not any(m.kind == kind for m in description.media):
                 continue
             # Prefer what the room already uses so a reconnecting teacher keeps the codec.
             transceiver = pc.addTransceiver(kind, direction="recvonly")
-            prefs = _codec_preferences(kind, room.router.streams[kind].mime_type)
+            prefs = _codec_preferences(kind, room.router.streams[prefix + kind].mime_type)
             transceiver.setCodecPreferences(prefs + [c for c in _codec_preferences(kind, None) if c not in prefs])
         answer = await _negotiate(pc, text)
         for transceiver in pc.getTransceivers():
@@ -157,7 +170,7 @@ async def whip_post(request: web.Request) -> web.Response:
             if not codecs:
                 continue
             chosen = codecs[0]
-            stream: TrackStream = room.router.streams[transceiver.kind]
+            stream: TrackStream = room.router.streams[prefix + transceiver.kind]
             pts = frozenset(c.payloadType for c in codecs if c.mimeType.lower() == chosen.mimeType.lower())
             producer = stream.attach_producer(transceiver.receiver, session.id, chosen.mimeType, chosen.clockRate, pts)
             session.producers.append(producer)
@@ -170,12 +183,19 @@ async def whip_post(request: web.Request) -> web.Response:
         raise
     registry.add_session(session)
     _watch_connection(registry, session)
-    logger.info("room=%s peer=%s teacher %s publishing %s", room_name, session.id, claims.name, room.router.codecs())
+    logger.info("room=%s peer=%s %s %s publishing %s", room_name, session.id, "speaker" if prefix else "teacher",
+                claims.name, room.router.codecs())
     return _created(session, answer)
 
 
+def offered_media(description: aiortc_sdp.SessionDescription) -> list[tuple[str, bool]]:
+    """(kind, wants to receive) for each audio/video m-line of a WHEP offer, in order."""
+    return [(m.kind, m.direction in ("recvonly", "sendrecv"))
+            for m in description.media if m.kind in ("audio", "video")]
+
+
 async def open_viewer(registry: RoomRegistry, room_name: str, name: str, offer_text: str,
-                      kinds: list[str], session_id: Optional[str] = None) -> tuple[Session, str]:
+                      kinds: list[tuple[str, bool]], session_id: Optional[str] = None) -> tuple[Session, str]:
     """Negotiate a student's session against this process's Router for ``room_name``.
 
     Used by the front in single-process mode and by each fan-out worker. Returns the
@@ -188,18 +208,27 @@ async def open_viewer(registry: RoomRegistry, room_name: str, name: str, offer_t
         session.id = session_id
     try:
         transceivers = {}
-        for kind in dict.fromkeys(kinds):
-            stream = room.router.streams[kind]
+        ordinals: dict[str, int] = {}
+        for kind, wanted in kinds:
+            # The offer's first audio/video m-lines get the teacher, the second ones the
+            # speaker slot (a student given the floor); m-lines the student does not
+            # receive on, or beyond those, get no consumer.
+            slot = slot_for(kind, ordinals.get(kind, 0))
+            ordinals[kind] = ordinals.get(kind, 0) + 1
+            if slot is None:
+                break
+            stream = room.router.streams[slot]
             # Before the teacher arrives a student accepts every codec we forward, so the
             # teacher may pick; once the room has a codec, students must take that one.
             transceiver = pc.addTransceiver(aiortc_glue.ParkedTrack(kind), direction="sendonly")
             transceiver.setCodecPreferences(_codec_preferences(kind, stream.mime_type))
-            transceivers[kind] = transceiver
+            if wanted:
+                transceivers[slot] = transceiver
         answer = await _negotiate(pc, offer_text)
-        for kind, transceiver in transceivers.items():
+        for slot, transceiver in transceivers.items():
             if transceiver.mid is None or not aiortc_glue.negotiated_codecs(transceiver):
                 continue
-            consumer = room.router.streams[kind].add_consumer(transceiver, session.id)
+            consumer = room.router.streams[slot].add_consumer(transceiver, session.id)
             session.consumers.append(consumer)
         if not session.consumers:
             raise SignallingError(400, "no usable codec in the offer")
@@ -223,7 +252,7 @@ async def whep_post(request: web.Request) -> web.Response:
     room_name = request.match_info["room"]
     claims = require_grant(request, "subscribe", room_name)
     text, description = await _read_offer(request)
-    kinds = [m.kind for m in description.media if m.kind in ("audio", "video")]
+    kinds = offered_media(description)
     registry: RoomRegistry = request.app["rooms"]
     pool = request.app.get("workers")
     if pool is not None:
@@ -253,10 +282,13 @@ async def session_delete(request: web.Request) -> web.Response:
     session = registry.sessions.get(request.match_info["session"])
     if session is None or session.kind != kind or session.room != room_name:
         raise SignallingError(404, "no such session")
-    claims = require_grant(request, "publish" if kind == "whip" else "subscribe", room_name)
+    claims = authenticate(request)
+    if claims.room not in (room_name, "*"):
+        raise SignallingError(403, f"token is for room {claims.room!r}, not {room_name!r}")
     if claims.name != session.name and "moderate" not in claims.grants:
         raise SignallingError(403, "this session belongs to someone else")
-    await registry.close_session(session, reason="DELETE", ended=session.kind == "whip")
+    # A teacher's DELETE ends the lesson; a speaker's only ends their turn.
+    await registry.close_session(session, reason="DELETE", ended=session.kind == "whip" and not session.speaker)
     return web.Response(status=200, text="session ended\n", content_type="text/plain")
 
 

@@ -36,8 +36,8 @@ class _EdgeRooms:
     def __init__(self, registry: RoomRegistry) -> None:
         self.registry = registry
 
-    def stream_for(self, room: str, kind: str) -> object:
-        return self.registry.get_or_create(room).router.streams[kind]
+    def stream_for(self, room: str, slot: str) -> object:
+        return self.registry.get_or_create(room).router.streams[slot]
 
     def rooms(self) -> list[str]:
         return [name for name, room in self.registry.rooms.items() if room.viewers]
@@ -49,10 +49,10 @@ async def create_viewer(request: web.Request) -> web.Response:
     edge: RelayEdge = request.app["edge"]
     room = registry.get_or_create(body["room"])
     # The origin told the front the room's codecs: negotiate against them.
-    for kind, mime in (body.get("codecs") or {}).items():
-        stream = room.router.streams.get(kind)
+    for slot, mime in (body.get("codecs") or {}).items():
+        stream = room.router.streams.get(slot)
         if stream is not None and mime and (stream.mime_type or "").lower() != mime.lower():
-            stream.set_codec(mime, 90000 if kind == "video" else 48000)
+            stream.set_codec(mime, 90000 if stream.kind == "video" else 48000)
     try:
         session, answer = await open_viewer(registry, body["room"], body["name"], body["offer"], body["kinds"],
                                             session_id=body["session_id"])
