@@ -9,6 +9,8 @@ from pathlib import Path
 from aiohttp import web
 
 from skyclass.media import aiortc_glue
+from skyclass.recordings import http as replay_http
+from skyclass.recordings.recorder import RecorderSettings, RecordingManager
 
 from . import metrics, signalling
 from .config import Config
@@ -104,6 +106,11 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/teach/{room}", _page("teach.html"))
     app.router.add_get("/watch/{room}", _page("watch.html"))
+    recorder = RecordingManager(RecorderSettings(
+        root=config.data / "recordings", disabled_rooms=tuple(config.no_record),
+        grace=config.peer_timeout if config.record_grace is None else config.record_grace))
+    app["rooms"].observers.append(recorder)
+    replay_http.add_routes(app, recorder)
     if WEB_DIR.exists():
         app.router.add_static("/static/", WEB_DIR)
     app.on_startup.append(_on_startup)

@@ -23,6 +23,9 @@ class Config:
     peer_timeout: float = 10.0
     keyframe_interval: float = 0.5
     public_url: Optional[str] = None
+    # Recording: every lesson is recorded unless its room matches one of these (fnmatch; "*" = none).
+    no_record: list[str] = field(default_factory=list)
+    record_grace: Optional[float] = None  # wait for a lost teacher this long (default: peer_timeout)
 
     def resolved_secret(self) -> str:
         """The configured secret, or one kept under the data directory so tokens survive restarts."""
@@ -76,6 +79,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds without ICE consent before a vanished peer is dropped",
     )
     parser.add_argument("--public-url", default=env_or("public_url", None), help="base URL printed in demo links")
+    no_record_env = _env("no_record")
+    parser.add_argument(
+        "--no-record", dest="no_record", action="append", default=None, metavar="ROOM",
+        help="do not record this room (repeatable; fnmatch patterns such as 'tutoring-*'; '*' records nothing)",
+    )
+    parser.set_defaults(_no_record_env=[r for r in no_record_env.split(",") if r] if no_record_env else [])
+    grace_env = env_or("record_grace", None)
+    parser.add_argument(
+        "--record-grace", type=float, default=float(grace_env) if grace_env is not None else None,
+        help="seconds to wait for a teacher whose connection was lost before closing the recording "
+             "(default: the peer timeout)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -90,4 +105,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_viewers_per_worker=args.max_viewers_per_worker,
         peer_timeout=args.peer_timeout,
         public_url=args.public_url,
+        no_record=args.no_record or args._no_record_env,
+        record_grace=args.record_grace,
     )
