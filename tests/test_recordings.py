@@ -387,3 +387,52 @@ async def test_crash_loses_at_most_a_segment_and_is_repaired(tmp_path: Path) -> 
         assert abs(len(indices) / FPS - rec["duration"]) < 0.5 and len(audio) > 0
     finally:
         second.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"]
+
+
+async def play_and_seek(page, url: str, engine: str) -> None:
+    """Open a replay page, play it, check time advances, seek, check it lands and plays on."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(url)
+    await page.wait_for_function("window.skyclassReplay && window.skyclassReplay.state().readyState >= 1",
+                                 timeout=15000)
+    await page.evaluate("(() => { const v = document.getElementById('video'); v.muted = true; v.play(); })()")
+    await page.wait_for_function("window.skyclassReplay.state().currentTime > 1.0", timeout=15000)
+    state = await page.evaluate("window.skyclassReplay.state()")
+    assert state["engine"] == engine and state["error"] is None, state
+    target = round(state["duration"] * 0.6, 2)
+    await page.evaluate(f"document.getElementById('video').currentTime = {target}")
+    await page.wait_for_function(
+        f"(() => {{ const s = window.skyclassReplay.state(); return s.currentTime > {target} + 0.5; }})()",
+        timeout=15000)
+    state = await page.evaluate("window.skyclassReplay.state()")
+    assert target + 0.5 < state["currentTime"] < target + 3.0, (target, state)
+    assert state["error"] is None and not errors, (state, errors)
+
+
+async def test_chromium_plays_and_seeks_the_replays(server, lessons) -> None:
+    if not Path(CHROMIUM).exists():
+        import os
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required under CI")
+        pytest.skip("chromium not installed")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = await browser.new_page()
+            await play_and_seek(page, f"{server.url}{lessons['h264'].recording['page']}", "hls.js")
+            await play_and_seek(page, f"{server.url}{lessons['vp8'].recording['page']}", "mse-webm")
+            # the landing page lists both lessons
+            await page.goto(server.url + "/")
+            await page.wait_for_selector("#recordings li a", timeout=10000)
+            links = await page.eval_on_selector_all("#recordings li a", "els => els.map(e => e.getAttribute('href'))")
+            assert {lessons[k].recording["page"] for k in ("h264", "vp8")} <= set(links), links
+        finally:
+            await browser.close()
