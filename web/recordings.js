@@ -18,14 +18,15 @@
   }
 
   function clock(seconds) {
-    seconds = Math.max(0, Math.round(seconds || 0));
+    seconds = Math.max(0, Math.floor(seconds || 0));
     const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
     return h ? `${h}:${String(m).padStart(2, "0")}:${String(s).padStart(2, "0")}` : `${m}:${String(s).padStart(2, "0")}`;
   }
 
-  const date = el("input", { type: "date", id: "rec-date", title: "Lesson date" });
-  const grade = el("select", { id: "rec-grade", title: "Grade" });
-  const subject = el("select", { id: "rec-subject", title: "Subject" });
+  const inline = "width:auto;min-height:44px";
+  const date = el("input", { type: "date", id: "rec-date", title: "Lesson date", style: inline });
+  const grade = el("select", { id: "rec-grade", title: "Grade", style: inline });
+  const subject = el("select", { id: "rec-subject", title: "Subject", style: inline });
   const list = el("ul", { className: "recordings-list" });
   const note = el("p", { className: "muted", textContent: "Loading…" });
   root.append(

@@ -30,7 +30,7 @@
   }
 
   function clock(seconds) {
-    seconds = Math.max(0, Math.round(seconds || 0));
+    seconds = Math.max(0, Math.floor(seconds || 0));
     const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
     const mm = String(m).padStart(h ? 2 : 1, "0"), ss = String(s).padStart(2, "0");
     return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
