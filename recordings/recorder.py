@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from skyclass.media.router import TrackStream
 
@@ -141,6 +141,7 @@ class Recording:
         self.grace_handle: Optional[asyncio.TimerHandle] = None
         self.finishing = False
         self.cpu_seconds = 0.0
+        self.meta_dirty = False  # set on the loop when the catalogue facts change; saved by the writer
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_LIMIT)
         self._taps: list[_Tap] = []
         self._keyframe_handle: Optional[asyncio.TimerHandle] = None
@@ -241,6 +242,9 @@ class Recording:
                                          on_segment=self._on_segment)
             while True:
                 stop = self._wake.wait(0.2)
+                if self.meta_dirty:
+                    self.meta_dirty = False
+                    save_meta(self.directory, self.info)
                 self._drain()
                 self.cpu_seconds = time.thread_time() - started
                 if stop:
@@ -449,9 +453,14 @@ def new_recording_id(room: str) -> str:
 class RecordingManager:
     """Every lesson recorded (unless the policy says otherwise): a RoomRegistry observer."""
 
-    def __init__(self, settings: RecorderSettings, store: Optional[RecordingStore] = None) -> None:
+    def __init__(self, settings: RecorderSettings, store: Optional[RecordingStore] = None,
+                 describe: Optional[Callable[[str, float], Awaitable[Optional[dict]]]] = None) -> None:
+        """``describe(room, started_at)`` may look the lesson up (e.g. in the timetable) and
+        return ``grade``, ``subject``, ``title``; without it (or when it knows nothing) they
+        come from the teacher's token claims or the room's name (:func:`classify_room`)."""
         self.settings = settings
         self.store: RecordingStore = store if store is not None else MemoryStore()
+        self.describe = describe
         self.active: dict[str, Recording] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -491,6 +500,8 @@ class RecordingManager:
             self.active[room.name] = recording
             recording.start()
             asyncio.ensure_future(self.store.put(info))
+            if self.describe is not None:
+                asyncio.ensure_future(self._describe(recording))
             logger.info("room=%s recording=%s started (teacher %s)", room.name, info.id, session.name)
         else:
             logger.info("room=%s recording=%s continues with session %s", room.name, recording.info.id, session.id)
@@ -510,6 +521,21 @@ class RecordingManager:
             recording.cancel_grace()
             recording.grace_handle = asyncio.get_running_loop().call_later(
                 self.settings.grace, self._finish, room.name, recording)
+
+    async def _describe(self, recording: Recording) -> None:
+        info = recording.info
+        try:
+            facts = await self.describe(info.room, info.started_at)  # type: ignore[misc]
+        except Exception:
+            logger.exception("%s lesson lookup failed", recording.log)
+            return
+        if not facts:
+            return
+        for name in ("grade", "subject", "title"):
+            if facts.get(name):
+                setattr(info, name, str(facts[name]))
+        recording.meta_dirty = True
+        await self.store.put(info)
 
     def room_closed(self, room: RoomLike) -> None:
         # The router is gone (its sinks with it); a recording in its grace period waits on.

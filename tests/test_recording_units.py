@@ -195,3 +195,65 @@ def test_grade_and_subject_from_room_names(room: str, grade, subject) -> None:
     got_grade, got_subject, title = classify_room(room)
     assert (got_grade, got_subject) == (grade, subject) and title
     assert classify_room("demo", {"grade": 3, "subject": "art", "title": "Art"}) == ("3", "art", "Art")
+
+
+class FakeStream:
+    """Just enough of media.router.TrackStream for the recorder."""
+
+    def __init__(self, kind: str, mime: str, clock: int, peer: str) -> None:
+        self.kind, self.mime_type, self.clock_rate = kind, mime, clock
+        self.producer = type("P", (), {"peer_id": peer})()
+        self.sinks: list = []
+        self.keyframe_requests = 0
+
+    def add_sink(self, sink) -> None:
+        self.sinks.append(sink)
+
+    def remove_sink(self, sink) -> None:
+        self.sinks.remove(sink)
+
+    def request_keyframe(self) -> None:
+        self.keyframe_requests += 1
+
+
+async def test_manager_times_tracks_by_sender_reports(tmp_path: Path) -> None:
+    """Audio and video RTP clocks start at unrelated random values; the teacher's sender
+    reports tie both to one wall clock, so the recording starts them together. The lesson
+    lookup fills grade/subject/title."""
+    import asyncio
+    import types
+
+    async def describe(room: str, at: float) -> dict:
+        return {"grade": "4", "subject": "music", "title": "Rhythm"}
+
+    manager = RecordingManager(RecorderSettings(root=tmp_path), describe=describe)
+    await manager.start()
+    video = FakeStream("video", "video/H264", 90000, "s1")
+    audio = FakeStream("audio", "audio/opus", 48000, "s1")
+    room = types.SimpleNamespace(name="lesson", router=types.SimpleNamespace(streams={"video": video, "audio": audio}))
+    session = types.SimpleNamespace(id="s1", name="T")
+    manager.publisher_joined(room, session)
+    recording = manager.active["lesson"]
+    origins = {"video": 123_456_789, "audio": 3_000_000_000}  # wraps past 2**32 during the lesson
+    ntp0 = 3_900_000_000 << 32
+    for stream in (video, audio):
+        for sink in stream.sinks:
+            sink.on_sender_report(ntp0, origins[stream.kind])
+    seqs = {"video": 65000, "audio": 100}
+    for t, kind, ts, marker, payload in rtp_lesson(H264Encoder(), 45):
+        stream = video if kind == "video" else audio
+        for sink in stream.sinks:
+            sink.on_rtp(seqs[kind] & 0xFFFF, (ts + origins[kind]) & 0xFFFFFFFF, marker, payload, False)
+        seqs[kind] += 1
+    manager.publisher_left(room, session, ended=True)
+    await asyncio.wait_for(asyncio.gather(*manager._finishing), 10)
+    info = (await manager.store.list(room="lesson"))[0]
+    assert info.state == "complete" and (info.grade, info.subject, info.title) == ("4", "music", "Rhythm")
+    assert load_meta(tmp_path / info.id).title == "Rhythm"
+    assert abs(info.duration - 3.0) < 0.1 and not video.sinks
+    with av.open(str(tmp_path / info.id / "index.m3u8")) as c:
+        firsts = {}
+        for packet in c.demux():
+            if packet.pts is not None and packet.stream.type not in firsts:
+                firsts[packet.stream.type] = float(packet.pts * packet.time_base)
+    assert abs(firsts["video"] - firsts["audio"]) < 0.03, firsts
