@@ -42,7 +42,7 @@ REORDER_MAX = 400  # packets held behind a hole at most
 SR_TOLERANCE = 0.03  # re-anchor a track when a sender report disagrees by more than this (s)
 MAX_GAP = 1.0  # a silence longer than this on the timeline is cut out...
 GAP_KEEP = 0.05  # ...down to this
-QUEUE_LIMIT = 50_000  # packets buffered for a stuck writer before the oldest are dropped
+QUEUE_LIMIT = 10_000  # packets (~50 s of a 1 Mbps lesson) held for a stuck writer before the oldest go
 _RTP, _SR, _ATTACH, _DETACH = 0, 1, 2, 3
 
 
@@ -251,7 +251,8 @@ class Recording:
                     break
             self._finalise()
         except Exception:
-            logger.exception("%s writer failed", self.log)
+            logger.exception("%s writer failed: recording stops here", self.log)
+            self.loop.call_soon_threadsafe(self.detach)  # stop queueing packets nobody will read
             try:
                 self._finalise()
             except Exception:

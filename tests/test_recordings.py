@@ -337,9 +337,12 @@ async def test_teacher_reconnect_continues_one_recording(server) -> None:
     await second.pc.close()  # connection closed: the room empties and its Router goes away
     await asyncio.sleep(1.0)
     third = await teach(2000, 3)  # a new Room and Router for the same room name
-    await third.close()
-    await first.pc.close()
-    rec = await wait_state(server, room, ("complete",), 10)
+    aiortc_glue.vanish(third.pc)  # and gone for good: no DELETE
+    vanished = time.time()
+    # closed after the server's peer timeout (4 s here) plus the grace period (the same)
+    rec = await wait_state(server, room, ("complete",), 4 + 4 + 4)
+    assert abs(rec["ended_at"] - vanished) < 1.0, "ended_at is when the media stopped"
+    await asyncio.gather(first.pc.close(), third.pc.close())
     assert len(await recordings_of(server, room)) == 1, "a reconnect must not start another recording"
 
     with av.open(f"{server.url}{rec['playlist']}") as c:

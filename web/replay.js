@@ -174,7 +174,10 @@
     }
     if (!hlsjs) throw new Error("this browser cannot play the replay: download the file instead");
     report.engine = "hls.js";
-    const hls = new window.Hls({ startPosition: startTime() || -1, maxBufferLength: 30, backBufferLength: 60 });
+    // A lesson still being recorded is an EVENT playlist, which hls.js would join at its live
+    // edge: a student who missed the start wants the beginning.
+    const start = startTime() || (info.state === "recording" ? 0 : -1);
+    const hls = new window.Hls({ startPosition: start, maxBufferLength: 30, backBufferLength: 60 });
     hls.on(window.Hls.Events.ERROR, (event, data) => {
       if (!data.fatal) return;
       if (data.type === window.Hls.ErrorTypes.NETWORK_ERROR) { say("Network trouble, retrying…", "warn"); hls.startLoad(); }
@@ -207,9 +210,11 @@
     report.info = info;
     showInfo(info);
     if (info.state === "recording") say("The lesson is still going on: you are watching it from the beginning.");
-    const t = startTime();
-    if (t && report.engine !== "hls.js") video.addEventListener("loadedmetadata", () => { video.currentTime = t; }, { once: true });
     if (info.container === "webm") await playWebm(info); else playHls(info);
+    const t = startTime();
+    if (report.engine !== "hls.js" && (t || info.state === "recording")) {
+      video.addEventListener("loadedmetadata", () => { video.currentTime = t; }, { once: true });
+    }
     video.addEventListener("error", () => video.error && fail(new Error(`video error ${video.error.code}: ${video.error.message}`)));
   }
 
