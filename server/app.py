@@ -12,7 +12,7 @@ from skyclass.media import aiortc_glue
 from skyclass.recordings import http as replay_http
 from skyclass.recordings.recorder import RecorderSettings, RecordingManager
 
-from . import metrics, signalling
+from . import classroom_api, metrics, signalling
 from .config import Config
 from .errors import HttpError, error_middleware
 from .rooms import RoomRegistry
@@ -111,6 +111,7 @@ def create_app(config: Config) -> web.Application:
         grace=config.peer_timeout if config.record_grace is None else config.record_grace))
     app["rooms"].observers.append(recorder)
     replay_http.add_routes(app, recorder)
+    classroom_api.setup(app)  # timetable, roles, events websocket, attendance (after the registry exists)
     if WEB_DIR.exists():
         app.router.add_static("/static/", WEB_DIR)
     app.on_startup.append(_on_startup)

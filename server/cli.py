@@ -13,6 +13,7 @@ from typing import Optional
 from aiohttp import web
 
 from .config import Config, add_serve_arguments, config_from_args
+from .timetable_cli import add_timetable_parser
 from .tokens import ROLES, issue_token, parse_ttl
 
 logger = logging.getLogger("skyclass")
@@ -71,7 +72,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_token(args: argparse.Namespace) -> int:
     config = Config(data=args.data, secret=args.secret or "")
     secret = config.resolved_secret()
-    print(issue_token(secret, args.role, args.room, args.name, parse_ttl(args.ttl)))
+    extra = {k: v for k, v in (("school", args.school), ("grade", args.grade), ("class", args.klass)) if v}
+    print(issue_token(secret, args.role, args.room, args.name, parse_ttl(args.ttl), extra=extra or None))
     return 0
 
 
@@ -91,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", default="8h", help="lifetime, e.g. 8h, 30m, 3600")
     token.add_argument("--secret", default=os.environ.get("SKYCLASS_SECRET", ""))
     token.add_argument("--data", default=os.environ.get("SKYCLASS_DATA", "data"), type=Path)
+    # Audience claims: with --room '*', a student token admits to the lessons of its grade/school/class.
+    token.add_argument("--school", default=None)
+    token.add_argument("--grade", default=None)
+    token.add_argument("--class", dest="klass", default=None)
     token.set_defaults(func=_cmd_token)
+
+    add_timetable_parser(sub)
 
     try:
         from skyclass.loadtest.cli import add_loadtest_parser

@@ -26,6 +26,7 @@ class Config:
     # Recording: every lesson is recorded unless its room matches one of these (fnmatch; "*" = none).
     no_record: list[str] = field(default_factory=list)
     record_grace: Optional[float] = None  # wait for a lost teacher this long (default: peer_timeout)
+    node_id: str = ""  # this node's name in the shared state (default: hostname:port)
 
     def resolved_secret(self) -> str:
         """The configured secret, or one kept under the data directory so tokens survive restarts."""
@@ -91,6 +92,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to wait for a teacher whose connection was lost before closing the recording "
              "(default: the peer timeout)",
     )
+    parser.add_argument("--node-id", default=env_or("node_id", ""),
+                        help="this node's id in the shared (Redis) state; default hostname:port")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -107,4 +110,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
         public_url=args.public_url,
         no_record=args.no_record or args._no_record_env,
         record_grace=args.record_grace,
+        node_id=args.node_id,
     )

@@ -48,6 +48,11 @@ class RoomObserver(Protocol):
 
     def room_closed(self, room: "Room") -> None: ...
 
+    # Optional (looked up with getattr, so observers without them keep working):
+    # viewer_joined / viewer_left (WHEP sessions, wherever their worker is) and
+    # speaker_joined / speaker_left (students publishing into the speaker slots),
+    # each called as hook(room, session) — attendance and the classroom's events use them.
+
 
 class Room:
     def __init__(self, name: str, counters: MediaCounters, keyframe_interval: float) -> None:
@@ -126,6 +131,7 @@ class RoomRegistry:
         self.sessions[session.id] = session
         if session.kind == "whip" and session.speaker:
             room.speakers[session.id] = session
+            self._notify("speaker_joined", room, session)
         elif session.kind == "whip":
             previous = room.publisher
             room.publisher = session
@@ -138,6 +144,13 @@ class RoomRegistry:
                 observer.publisher_joined(room, session)
         else:
             room.viewers[session.id] = session
+            self._notify("viewer_joined", room, session)
+
+    def _notify(self, hook: str, room: Room, session: Session) -> None:
+        for observer in self.observers:
+            method = getattr(observer, hook, None)
+            if method is not None:
+                method(room, session)
 
     async def close_session(self, session: Session, reason: str, ended: bool = False,
                             remote_ended: bool = False) -> None:
@@ -157,8 +170,10 @@ class RoomRegistry:
                 room.publisher = None
                 for observer in self.observers:
                     observer.publisher_left(room, session, ended)
-            room.viewers.pop(session.id, None)
-            room.speakers.pop(session.id, None)
+            if room.viewers.pop(session.id, None) is not None:
+                self._notify("viewer_left", room, session)
+            if room.speakers.pop(session.id, None) is not None:
+                self._notify("speaker_left", room, session)
             if room.idle:
                 self.drop_room(room)
         logger.info("room=%s peer=%s %s session closed: %s", session.room, session.id, session.kind, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +34,8 @@ class Claims:
     grants: tuple[str, ...]
     expires_at: int
     extra: dict = field(default_factory=dict)
+    # A unique token id, so one token can be revoked without touching its holder's others.
+    jti: str = ""
 
     def may(self, grant: str, room: str) -> bool:
         """True if this token allows ``grant`` in ``room`` ("*" is every room)."""
@@ -67,6 +70,7 @@ def issue_token(
         "grants": list(grants if grants is not None else ROLE_GRANTS[role]),
         "iat": now,
         "exp": now + ttl_seconds,
+        "jti": secrets.token_urlsafe(12),
     }
     if extra:
         payload.update({k: v for k, v in extra.items() if k not in payload})
@@ -84,7 +88,7 @@ def verify_token(secret: str, token: str) -> Claims:
     if role not in ROLES:
         raise TokenError(f"unknown role {role!r}")
     grants = payload.get("grants", ROLE_GRANTS[role])
-    known = {"sub", "role", "room", "grants", "iat", "exp"}
+    known = {"sub", "role", "room", "grants", "iat", "exp", "jti"}
     return Claims(
         name=str(payload["sub"]),
         role=role,
@@ -92,4 +96,5 @@ def verify_token(secret: str, token: str) -> Claims:
         grants=tuple(grants),
         expires_at=int(payload["exp"]),
         extra={k: v for k, v in payload.items() if k not in known},
+        jti=str(payload.get("jti", "")),
     )

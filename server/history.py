@@ -1,0 +1,72 @@
+"""The durable copy of a room's chat and Q&A: JSON lines under DATA/classroom/<room>/<date>.jsonl.
+
+The store keeps recent history for late joiners; this log keeps it for good, next to the
+recordings, so a replay page can show the questions beside the video (it asks
+``GET /api/rooms/{room}/history?since=&until=`` with the recording's start and end).
+Each line is one entry: ``{"id", "ts", "type", "name", "role", "text", ...}``, ``ts`` in
+epoch seconds. One node writes a room's log (the node where the room lives), so a
+multi-node deployment does not end up with the same line in several files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import date as Date
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Optional
+
+from .state import _file_safe
+
+logger = logging.getLogger(__name__)
+
+MAX_OPEN_FILES = 64
+
+
+class HistoryLog:
+    def __init__(self, data: Path) -> None:
+        self.root = data / "classroom"
+        self._files: dict[Path, IO[str]] = {}
+
+    def path(self, room: str, day: Date) -> Path:
+        return self.root / _file_safe(room) / f"{day.isoformat()}.jsonl"
+
+    def append(self, room: str, entry: dict) -> None:
+        path = self.path(room, datetime.fromtimestamp(float(entry["ts"])).date())
+        f = self._files.get(path)
+        if f is None:
+            if len(self._files) >= MAX_OPEN_FILES:
+                self._files.pop(next(iter(self._files))).close()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = self._files[path] = path.open("a", encoding="utf-8")
+        f.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
+        f.flush()
+
+    def read(self, room: str, since: float, until: float, limit: int = 5000) -> list[dict]:
+        """Entries in [since, until] from the daily files that can hold them."""
+        first = datetime.fromtimestamp(max(since, 0)).date()
+        last = datetime.fromtimestamp(min(until, datetime.now().timestamp() + 86400)).date()
+        if (last - first).days > 62:  # a replay spans hours; do not scan years of files
+            first = last - timedelta(days=62)
+        out: list[dict] = []
+        day: Optional[Date] = first
+        while day is not None and day <= last:
+            path = self.path(room, day)
+            if path.exists():
+                with path.open(encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                        except ValueError:
+                            continue  # a torn last line after a crash
+                        if since <= float(entry.get("ts", 0)) <= until:
+                            out.append(entry)
+            day = day + timedelta(days=1)
+        out.sort(key=lambda e: e["ts"])
+        return out[-limit:]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
