@@ -166,13 +166,15 @@ class Connection:
         elif kind == "chat":
             if "chat" not in c.claims.grants and not c.staff:
                 raise Refused("forbidden", "your token may not chat")
+            text = _text(msg, "text", MAX_TEXT) or ""
             self._limit("chat")
-            await classroom.chat(c, _text(msg, "text", MAX_TEXT) or "", self.kind)
+            await classroom.chat(c, text, self.kind)
         elif kind in ("question", "ask"):
             if "chat" not in c.claims.grants and not c.staff:
                 raise Refused("forbidden", "your token may not ask questions")
+            text = _text(msg, "text", MAX_TEXT) or ""
             self._limit("question")
-            await classroom.ask(c, _text(msg, "text", MAX_TEXT) or "")
+            await classroom.ask(c, text)
         elif kind == "questions":
             self._limit("any_read")
             questions = await classroom.state.questions(c.scope)

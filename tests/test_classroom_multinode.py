@@ -1,0 +1,112 @@
+"""Two server processes sharing one redis-server: a question asked on node A reaches the teacher on
+node B, presence counts add up across nodes, floor/kick/history cross nodes, and Redis says
+where the room lives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from datetime import date
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+
+from skyclass.loadtest.clients import ToneAudioTrack, publish
+from skyclass.server.tokens import issue_token
+
+from classroom_clients import WsClient, presence_where
+from conftest import SECRET, ServerProcess
+
+
+@pytest.fixture(scope="module")
+def two_nodes(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    a = ServerProcess(tmp_path_factory.mktemp("node-a"), ["--redis", redis_url, "--node-id", "node-a",
+                                                          "--workers", "1"])
+    try:
+        b = ServerProcess(tmp_path_factory.mktemp("node-b"), ["--redis", redis_url, "--node-id", "node-b",
+                                                              "--workers", "1"])
+    except Exception:
+        a.stop()
+        raise
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def tok(role: str, room: str, name: str) -> str:
+    return issue_token(SECRET, role, room, name, 3600)
+
+
+async def get(url: str, token: str) -> dict:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+async def test_question_crosses_nodes_and_presence_adds_up(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = two_nodes
+    room = f"multi-{secrets.token_hex(3)}"
+    teacher_token = tok("teacher", room, "T")
+    teacher = await WsClient.connect(b.url, room, teacher_token)
+    on_a = [await WsClient.connect(a.url, room, tok("student", room, f"a{i}")) for i in range(3)]
+    on_b = [await WsClient.connect(b.url, room, tok("student", room, f"b{i}")) for i in range(2)]
+    teacher_pub = await publish(b.url, room, teacher_token, [ToneAudioTrack()])
+    try:
+        await asyncio.wait_for(teacher_pub.connected.wait(), 15)
+        # Redis says where the room lives, seen from the other node.
+        for _ in range(50):
+            snapshot = await get(f"{a.url}/api/rooms/{room}/classroom", teacher_token)
+            if snapshot["lives_on"] == "node-b":
+                break
+            await asyncio.sleep(0.1)
+        assert snapshot["node"] == "node-a" and snapshot["lives_on"] == "node-b"
+        assert (await on_a[0].next("lesson", where=lambda m: m["state"] == "live"))["node"] == "node-b"
+
+        sent = time.monotonic()
+        await on_a[0].send(type="question", text="asked on node A")
+        question = (await teacher.next("question"))["question"]
+        assert question["name"] == "a0" and question["text"] == "asked on node A"
+        assert time.monotonic() - sent < 2.0
+
+        # Presence: both nodes see the sum (teacher 1 on B, students 3 on A + 2 on B).
+        for client in (teacher, on_a[1], on_b[0]):
+            presence = await presence_where(client, lambda p: p["counts"].get("student") == 5
+                                            and p["counts"].get("teacher") == 1)
+            assert presence["total"] == 6
+            assert {n["name"] for n in presence["names"]} == {"T", "a0", "a1", "a2", "b0", "b1"}
+        await on_a[2].close()
+        await presence_where(teacher, lambda p: p["counts"].get("student") == 4)
+
+        # Answers, the floor and kicks reach node A from the teacher on node B.
+        await teacher.send(type="answered", id=question["id"], answer="yes")
+        assert (await on_a[1].next("answered"))["question"]["answer"] == "yes"
+        await teacher.send(type="floor", action="give", name="a1")
+        assert (await on_a[1].next("floor"))["holder"] == "a1"
+        await teacher.send(type="kick", name="a0")
+        await asyncio.wait_for(on_a[0].closed.wait(), 5)
+        assert (await on_a[0].next("kicked"))["name"] == "a0"
+
+        # A late joiner on node A gets the history written from both nodes.
+        await on_b[0].send(type="chat", text="chat from node B")
+        await on_a[1].next("chat")
+        late = await WsClient.connect(a.url, room, tok("student", room, "late"))
+        assert [e["text"] for e in late.welcome["history"] if e["type"] == "chat"] == ["chat from node B"]
+        assert late.welcome["floor"]["holder"] == "a1"
+        await late.close()
+
+        # The room's durable log is written once, on the node where the room lives.
+        day = date.today().isoformat()
+        log_b = Path(b.data) / "classroom" / room / f"{day}.jsonl"
+        log_a = Path(a.data) / "classroom" / room / f"{day}.jsonl"
+        types = [json.loads(line)["type"] for line in log_b.read_text().splitlines()]
+        assert "question" in types and "chat" in types and "floor" in types
+        assert not log_a.exists()
+    finally:
+        await teacher_pub.pc.close()
+        for client in [teacher] + on_a + on_b:
+            await client.close()
