@@ -236,19 +236,79 @@ def _rtp_payload(packet: bytes) -> bytes:
 
 
 JUMP = 1000  # a sequence number this far from the highest is a discontinuity, not loss
+FREEZE_GAP = 0.5  # no video frame for longer than this is a freeze (what a viewer notices)
+NTP_UNIX_OFFSET = 2208988800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
+
+# Feedback (like a browser's): NACK a missing packet at once, again every NACK_RETRY
+# seconds up to NACK_TRIES times; a video packet still missing after GIVE_UP seconds is
+# lost for good, and the picture cannot continue without a keyframe: PLI (at most one
+# per PLI_INTERVAL). Gaps wider than NACK_MAX go straight to a PLI.
+NACK_RETRY = 0.1
+NACK_TRIES = 3
+GIVE_UP = 1.0
+PLI_INTERVAL = 1.0
+NACK_MAX = 256
+
+
+def delay_bin(ms: float) -> int:
+    """Histogram bin of a delay: 1 ms wide below 100 ms, 5 ms below 1 s, 50 ms below 10 s."""
+    if ms < 100:
+        return max(0, int(ms))
+    if ms < 1000:
+        return 100 + int((ms - 100) / 5)
+    if ms < 10000:
+        return 280 + int((ms - 1000) / 50)
+    return 460
+
+
+def delay_bin_upper(index: int) -> float:
+    """The upper edge of a :func:`delay_bin` bin, in ms (percentiles err on the slow side)."""
+    if index < 100:
+        return index + 1.0
+    if index < 280:
+        return 100 + (index - 99) * 5.0
+    if index < 460:
+        return 1000 + (index - 279) * 50.0
+    return math.inf
+
+
+def histogram_percentile(hist: dict[int, int], p: float) -> Optional[float]:
+    """Nearest-rank percentile (``p`` in 0-100) of a :func:`delay_bin` histogram, in ms."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank = max(1, math.ceil(p * total / 100))
+    seen = 0
+    for index in sorted(hist):
+        seen += hist[index]
+        if seen >= rank:
+            return delay_bin_upper(index)
+    return None
+
+
+def merge_histograms(histograms: Any) -> dict[int, int]:
+    merged: dict[int, int] = {}
+    for hist in histograms:
+        for index, count in hist.items():
+            merged[int(index)] = merged.get(int(index), 0) + count
+    return merged
 
 
 class _Stream:
     """One SSRC's counters, as a student sees it."""
 
     __slots__ = ("received", "first", "highest", "frames", "video", "duplicates", "seen", "jumps",
-                 "_t0", "_ts0", "_last_ts", "min_offset", "offset", "max_offset")
+                 "_t0", "_ts0", "_last_ts", "min_offset", "offset", "max_offset",
+                 "clock", "jitter", "_arrival", "_timestamp", "repaired", "missing", "lost_for_good",
+                 "needs_keyframe", "freeze_s", "freezes", "first_frame_at", "last_frame_at",
+                 "sr", "delay_hist", "window_hist", "delay_sum", "delay_n", "delay_max", "ssrc")
 
-    def __init__(self, seq: int, video: bool) -> None:
+    def __init__(self, seq: int, video: bool, ssrc: int = 0) -> None:
         self.received = 1
         self.first = self.highest = seq  # highest is extended (keeps counting past 65535)
         self.frames = 0
         self.video = video
+        self.ssrc = ssrc
         self.duplicates = 0
         self.seen = bytearray(65536)  # per sequence number: received?
         self.seen[seq] = 1
@@ -259,11 +319,65 @@ class _Stream:
         self.min_offset = math.inf
         self.offset = 0.0
         self.max_offset = 0.0
+        # interarrival jitter (RFC 3550 6.4.1), in RTP clock units
+        self.clock = VIDEO_CLOCK if video else AUDIO_CLOCK
+        self.jitter = 0.0
+        self._arrival: Optional[float] = None
+        self._timestamp = 0
+        # feedback: missing 16-bit sequence number -> [first noticed, NACKs sent, last NACK]
+        self.repaired = 0
+        self.missing: dict[int, list] = {}
+        self.lost_for_good = 0
+        self.needs_keyframe = False
+        # freezes and end-to-end delay (video)
+        self.freeze_s = 0.0
+        self.freezes = 0
+        self.first_frame_at: Optional[float] = None
+        self.last_frame_at: Optional[float] = None
+        self.sr: Optional[tuple[float, int]] = None  # (sender's wall clock, RTP timestamp) of the last SR
+        self.delay_hist: dict[int, int] = {}
+        self.window_hist: dict[int, int] = {}
+        self.delay_sum = 0.0
+        self.delay_n = 0
+        self.delay_max = 0.0
+
+    def arrived(self, now: float, timestamp: int) -> None:
+        """An in-order packet: update the interarrival jitter. Like aiortc and browsers,
+        only packets of a new timestamp count (a frame's packets share one)."""
+        if self._arrival is not None and timestamp != self._timestamp:
+            d = (now - self._arrival) * self.clock - (((timestamp - self._timestamp + 0x80000000) & 0xFFFFFFFF)
+                                                      - 0x80000000)
+            self.jitter += (abs(d) - self.jitter) / 16
+        self._arrival = now
+        self._timestamp = timestamp
+
+    def note_missing(self, start: int, count: int, now: float) -> None:
+        """``count`` sequence numbers from ``start`` (extended) were skipped: NACK them."""
+        if count > NACK_MAX:
+            self.needs_keyframe = self.video
+            return
+        missing = self.missing
+        for i in range(count):
+            missing[(start + i) & 0xFFFF] = [now, 0, 0.0]
+
+    def sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        """An RTCP SR for this SSRC: the teacher's wall clock at an RTP timestamp (the server
+        passes the teacher's NTP time through), the basis of end-to-end delay."""
+        wall = (ntp_timestamp >> 32) - NTP_UNIX_OFFSET + (ntp_timestamp & 0xFFFFFFFF) / 2 ** 32
+        self.sr = (wall, rtp_timestamp)
 
     def frame_end(self, now: float, timestamp: int) -> None:
         """Arrival of a video frame's last packet: one frame, and one sample of transit
-        delay relative to the RTP clock (arrival - capture, up to a constant)."""
+        delay relative to the RTP clock (arrival - capture, up to a constant); the gap
+        since the previous frame (a freeze when > FREEZE_GAP); and, once a sender report
+        has tied the RTP clock to the teacher's wall clock, the end-to-end delay."""
         self.frames += 1
+        if self.last_frame_at is None:
+            self.first_frame_at = now
+        elif now - self.last_frame_at > FREEZE_GAP:
+            self.freeze_s += now - self.last_frame_at
+            self.freezes += 1
+        self.last_frame_at = now
         if self._t0 is None:
             self._t0, self._ts0, self._last_ts = now, timestamp, timestamp
         elif ((timestamp - self._last_ts) & 0xFFFFFFFF) < 0x80000000:
@@ -276,6 +390,23 @@ class _Stream:
             self.min_offset = offset
         if offset > self.max_offset:
             self.max_offset = offset
+        if self.sr is not None:
+            wall, rtp = self.sr
+            sent = wall + (((timestamp - rtp + 0x80000000) & 0xFFFFFFFF) - 0x80000000) / self.clock
+            ms = max(0.0, 1000 * (time.time() - sent))
+            index = delay_bin(ms)
+            self.delay_hist[index] = self.delay_hist.get(index, 0) + 1
+            self.window_hist[index] = self.window_hist.get(index, 0) + 1
+            self.delay_sum += ms
+            self.delay_n += 1
+            if ms > self.delay_max:
+                self.delay_max = ms
+
+    def ongoing_freeze(self, now: float) -> float:
+        """Seconds of a freeze still in progress at ``now`` (0 if frames are flowing)."""
+        if self.last_frame_at is None or now - self.last_frame_at <= FREEZE_GAP:
+            return 0.0
+        return now - self.last_frame_at
 
     def take_max_delay(self) -> tuple[float, float]:
         """(current, highest since the last call) queueing delay: transit delay above the
@@ -286,6 +417,44 @@ class _Stream:
         highest = self.max_offset - self.min_offset
         self.max_offset = self.offset
         return current, highest
+
+
+class _ReceptionReport:
+    """What aiortc's receiver reads for its RTCP receiver reports, from a :class:`_Stream`.
+
+    The student's RTP never reaches aiortc, so its own statistics stay empty and its RRs
+    would say nothing; with this in their place the server gets the reports a browser
+    sends (fraction lost, cumulative loss, highest sequence number, jitter, LSR/DLSR)."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self._stream = stream
+        self._expected_prior = 0
+        self._received_prior = 0
+
+    def _counts(self) -> tuple[int, int]:
+        s = self._stream
+        return s.highest - s.first + 1, s.received - s.duplicates
+
+    @property
+    def fraction_lost(self) -> int:
+        expected, received = self._counts()
+        expected_interval, received_interval = expected - self._expected_prior, received - self._received_prior
+        self._expected_prior, self._received_prior = expected, received
+        lost = expected_interval - received_interval
+        return 0 if expected_interval <= 0 or lost <= 0 else min(255, (lost << 8) // expected_interval)
+
+    @property
+    def packets_lost(self) -> int:
+        expected, received = self._counts()
+        return max(0, min(expected - received, 0x7FFFFF))
+
+    @property
+    def max_seq(self) -> int:
+        return self._stream.highest & 0xFFFF
+
+    @property
+    def jitter(self) -> int:
+        return int(self._stream.jitter)
 
 
 def _clear(flags: bytearray, start: int, count: int) -> None:
@@ -311,15 +480,20 @@ class CountingStudent:
     * 128-191 with a second byte of 192-208 (RTCP SR/RR/SDES/BYE/APP/RTPFB/PSFB, the
       same test aiortc's ``is_rtcp`` uses): to aiortc as before;
     * other 128-191 (RTP): counted here from the clear header (SSRC, sequence number,
-      marker bit, payload type) and dropped. SRTP encrypts only the payload, so loss
-      (from sequence numbers: 1 - distinct packets received / span of sequence numbers),
-      duplicates (a 64 K-entry seen-flag table per SSRC), discontinuities (a sequence
-      number more than 1,000 away from the highest seen: a forwarding bug, which also
-      makes the loss figure meaningless) and frame rate (marker bits on the video SSRC)
-      need no key. The RTP timestamp (clear too) against the arrival time of each video
-      frame's last packet gives the transit delay up to a constant; its excess over the
-      lowest seen is the queueing delay (server, sockets and this client's own lag:
-      ``student_worker_main`` also reports its event loop's lag to tell them apart).
+      marker bit, payload type, timestamp) and dropped. SRTP encrypts only the payload,
+      so loss (from sequence numbers: 1 - distinct packets received / span of sequence
+      numbers), duplicates (a 64 K-entry seen-flag table per SSRC), discontinuities (a
+      sequence number more than 1,000 away from the highest seen: a forwarding bug, which
+      also makes the loss figure meaningless), frame rate (marker bits on the video SSRC),
+      interarrival jitter (RFC 3550) and freezes (no video frame for > 500 ms) need no
+      key. The RTP timestamp against the arrival time of each video frame's last packet
+      gives the transit delay up to a constant; its excess over the lowest seen is the
+      queueing delay (server, sockets and this client's own lag: ``student_worker_main``
+      also reports its event loop's lag to tell them apart). Once the server's RTCP
+      sender report (which carries the teacher's NTP time) has tied the RTP clock to
+      wall-clock time, the same arrival gives the end-to-end delay from the teacher's
+      send to this student (meaningful when teacher and student share a clock, as in
+      the harness: both run on the load machine).
 
     First keyframe: to time a join we must see whether a video payload starts an
     IDR/SPS, and the payload is encrypted. Until the first keyframe is seen, video
@@ -331,34 +505,54 @@ class CountingStudent:
     held and checked, with their arrival time, once the SRTP session exists.
 
     aiortc's receivers get no RTP at all, so their decoder threads are never started
-    (:func:`skyclass.media.aiortc_glue.prevent_decoder`); they still send RTCP receiver
-    reports, though these report nothing received. Students send no NACK or PLI: the
-    loss measured is the raw loss of the forwarding path.
+    (:func:`skyclass.media.aiortc_glue.prevent_decoder`). By default students send no
+    NACK or PLI and their receiver reports carry no report blocks: the loss measured is
+    the raw loss of the forwarding path (what ``fanout_bench`` wants). With
+    ``feedback=True`` (the load-test harness) a student behaves like a browser: its RRs
+    report what it counted, it NACKs missing packets (the server repairs them from its
+    cache; repaired packets are counted, so loss is known before and after repair) and
+    sends a PLI when video cannot be repaired; the caller must call :meth:`maintain`
+    every ~50 ms for retries.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, feedback: bool = False) -> None:
         self.name = name
+        self.feedback = feedback
         self.session: Optional[PeerSession] = None
         self.streams: dict[bytes, _Stream] = {}  # by SSRC (4 raw bytes)
         self.video_payload_types: set[int] = set()
         self.posted_at: Optional[float] = None
+        self.answered_at: Optional[float] = None
+        self.ice_connected_at: Optional[float] = None
         self.connected_at: Optional[float] = None
         self.first_packet_at: Optional[float] = None
         self.keyframe_at: Optional[float] = None
+        self.stopped_at: Optional[float] = None
         self.state = "new"
+        self.counting = True
+        self.nacks = 0       # RTCP NACK packets sent
+        self.nacked = 0      # sequence numbers asked for
+        self.plis = 0
+        self.last_sample: tuple = (0,) * len(SAMPLE_FIELDS)
         self._dtls = None
         self._held: list[tuple[bytes, float]] = []
+        self._receivers: dict[str, Any] = {}
+        self._pending = False
+        self._nack_scheduled = False
+        self._last_pli = 0.0
 
     async def join(self, base_url: str, room: str, token: str) -> None:
         self.state = "joining"
         session = await watch(base_url, room, token)
         self.session = session
         self.posted_at = session.posted_at
+        self.answered_at = session.answered_at
         pc = session.pc
         # Nothing has connected yet: setRemoteDescription only scheduled ICE, whose
         # checks need the network, so receivers have not started and no RTP has come.
         for transceiver in pc.getTransceivers():
             aiortc_glue.prevent_decoder(transceiver.receiver)
+            self._receivers.setdefault(transceiver.kind, transceiver.receiver)
         answer = aiortc_sdp.SessionDescription.parse(pc.remoteDescription.sdp)
         for media in answer.media:
             if media.kind == "video":
@@ -367,6 +561,8 @@ class CountingStudent:
         connection = self._dtls.transport._connection  # aioice Connection (private, aioice 0.13)
         for protocol in connection._protocols:
             protocol.datagram_received = self._make_handler(protocol.datagram_received)
+        if self.feedback:
+            self._tap_sender_reports()
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -375,22 +571,65 @@ class CountingStudent:
                 self.connected_at = time.monotonic()
             self.state = state
 
+        @pc.on("iceconnectionstatechange")
+        def on_ice_state() -> None:
+            if pc.iceConnectionState in ("connected", "completed") and self.ice_connected_at is None:
+                self.ice_connected_at = time.monotonic()
+
+    def _tap_sender_reports(self) -> None:
+        """See the server's SRs (decrypted by aiortc) before aiortc routes them: their NTP
+        time gives end-to-end delay. aiortc routes an SR by the SSRC its RTP brought in,
+        and none came in, so :meth:`_adopt` also registers each SSRC with its receiver."""
+        from aiortc.rtp import RtcpSrPacket
+
+        router = self._dtls._rtp_router  # private (aiortc 1.16)
+        original = router.route_rtcp
+        streams = self.streams
+
+        def route_rtcp(packet):  # type: ignore[no-untyped-def]
+            if isinstance(packet, RtcpSrPacket):
+                stream = streams.get(packet.ssrc.to_bytes(4, "big"))
+                if stream is not None:
+                    stream.sender_report(packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+            return original(packet)
+
+        router.route_rtcp = route_rtcp
+
+    def _adopt(self, stream: _Stream) -> None:
+        """A new SSRC: let its receiver report on it (RRs, LSR/DLSR from its SRs)."""
+        receiver = self._receivers.get("video" if stream.video else "audio")
+        if receiver is None:
+            return
+        try:
+            self._dtls._rtp_router.ssrc_table[stream.ssrc] = receiver
+            receiver._RTCRtpReceiver__remote_streams[stream.ssrc] = _ReceptionReport(stream)
+        except AttributeError:  # aiortc moved its internals: reports stay empty, counting goes on
+            logger.warning("student=%s cannot attach reception reports", self.name)
+
     def _make_handler(self, original):
         streams = self.streams
         video_pts = self.video_payload_types
         monotonic = time.monotonic
+        feedback = self.feedback
 
         def datagram_received(data: bytes, addr: tuple) -> None:
             if len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 209:
                 original(data, addr)
                 return
+            if not self.counting:
+                return
+            now = monotonic()
             key = data[8:12]
             seq = (data[2] << 8) | data[3]
+            timestamp = (data[4] << 24) | (data[5] << 16) | (data[6] << 8) | data[7]
             stream = streams.get(key)
             if stream is None:
-                stream = streams[key] = _Stream(seq, (data[1] & 0x7F) in video_pts)
+                stream = streams[key] = _Stream(seq, (data[1] & 0x7F) in video_pts, int.from_bytes(key, "big"))
+                stream.arrived(now, timestamp)
+                if feedback:
+                    self._adopt(stream)
                 if self.first_packet_at is None:
-                    self.first_packet_at = monotonic()
+                    self.first_packet_at = now
             else:
                 stream.received += 1
                 seen = stream.seen
@@ -401,19 +640,28 @@ class CountingStudent:
                         _clear(seen, (highest + 1) & 0xFFFF, delta - 1)
                         if delta > JUMP:
                             stream.jumps += 1
+                        elif feedback:
+                            stream.note_missing(highest + 1, delta - 1, now)
+                            self._pending = True
+                            self._schedule_nack()
                     stream.highest = highest + delta
                     seen[seq] = 1
+                    stream.arrived(now, timestamp)
                 elif seen[seq]:
                     stream.duplicates += 1  # already counted
                     return
                 else:
                     seen[seq] = 1  # late, fills a gap
-                    if 0x10000 - delta > JUMP:
+                    missing = stream.missing
+                    if missing and seq in missing:
+                        del missing[seq]
+                        stream.repaired += 1  # a NACKed packet came back
+                    elif 0x10000 - delta > JUMP:
                         stream.jumps += 1
             if data[1] & 0x80 and stream.video:
-                stream.frame_end(monotonic(), (data[4] << 24) | (data[5] << 16) | (data[6] << 8) | data[7])
+                stream.frame_end(now, timestamp)
             if stream.video and self.keyframe_at is None:
-                self._look_for_keyframe(data, monotonic())
+                self._look_for_keyframe(data, now)
 
         return datagram_received
 
@@ -433,6 +681,145 @@ class CountingStudent:
                 self.keyframe_at = at
                 self._held = []
                 return
+
+    # --- feedback (feedback=True) -------------------------------------------------------
+
+    def _schedule_nack(self) -> None:
+        """NACK new gaps once this burst of datagrams has been read (one RTCP packet per
+        stream rather than one per gap)."""
+        if not self._nack_scheduled:
+            self._nack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_nacks)
+
+    def _flush_nacks(self) -> None:
+        self._nack_scheduled = False
+        self.maintain(time.monotonic(), new_only=True)
+
+    def _send(self, stream: _Stream, coroutine_factory: str, *args: Any) -> None:
+        receiver = self._receivers.get("video" if stream.video else "audio")
+        if receiver is not None and self.session is not None:
+            asyncio.ensure_future(getattr(receiver, coroutine_factory)(stream.ssrc, *args))
+
+    def maintain(self, now: float, new_only: bool = False) -> None:
+        """Send due NACKs (new gaps, retries), give up on packets too old to repair, and
+        send a PLI when video cannot continue without a keyframe."""
+        if not self._pending or not self.counting:
+            return
+        pending = False
+        for stream in self.streams.values():
+            if stream.missing:
+                due: list[int] = []
+                for seq, entry in list(stream.missing.items()):
+                    first, tries, last = entry
+                    if now - first > GIVE_UP:
+                        del stream.missing[seq]
+                        stream.lost_for_good += 1
+                        stream.needs_keyframe = stream.video
+                    elif tries == 0 or (not new_only and tries < NACK_TRIES and now - last >= NACK_RETRY):
+                        entry[1], entry[2] = tries + 1, now
+                        due.append(seq)
+                if due:
+                    self.nacks += 1
+                    self.nacked += len(due)
+                    self._send(stream, "_send_rtcp_nack", sorted(due))
+                pending = pending or bool(stream.missing)
+            if stream.needs_keyframe:
+                if now - self._last_pli >= PLI_INTERVAL:
+                    stream.needs_keyframe = False
+                    self._last_pli = now
+                    self.plis += 1
+                    self._send(stream, "_send_rtcp_pli")
+                else:
+                    pending = True
+        self._pending = pending
+
+    # --- reading the counters -----------------------------------------------------------
+
+    def stop_counting(self) -> None:
+        """The student leaves: count nothing more; a freeze in progress ends here."""
+        if not self.counting:
+            return
+        now = time.monotonic()
+        for stream in self.streams.values():
+            if stream.video:
+                ongoing = stream.ongoing_freeze(now)
+                if ongoing:
+                    stream.freeze_s += ongoing
+                    stream.freezes += 1
+                    stream.last_frame_at = now
+        self.last_sample = self.sample(now)
+        self.counting = False
+        self.stopped_at = now
+
+    def sample(self, now: float) -> tuple:
+        """Cumulative counters in :data:`SAMPLE_FIELDS` order (differences of two samples
+        describe a window; ``delay_max`` is the highest since the previous sample)."""
+        if not self.counting:
+            return self.last_sample
+        rx = exp = repaired = frames = 0
+        freeze = delay_sum = delay_max = 0.0
+        delay_n = 0
+        jitter = 0.0
+        for stream in self.streams.values():
+            rx += stream.received - stream.duplicates
+            exp += stream.highest - stream.first + 1
+            repaired += stream.repaired
+            if stream.video:
+                frames += stream.frames
+                freeze += stream.freeze_s + stream.ongoing_freeze(now)
+                delay_sum += stream.delay_sum
+                delay_n += stream.delay_n
+                delay_max = max(delay_max, stream.delay_max)
+                stream.delay_max = 0.0
+                jitter = max(jitter, 1000 * stream.jitter / stream.clock)
+        self.last_sample = (int(self.keyframe_at is not None), rx, exp, repaired, frames, round(freeze, 3),
+                            self.nacks, self.plis, round(delay_sum, 1), delay_n, round(delay_max, 1), round(jitter, 2))
+        return self.last_sample
+
+    def take_window_histogram(self) -> dict[int, int]:
+        """End-to-end delay histogram (:func:`delay_bin`) of video frames since the last call."""
+        merged: dict[int, int] = {}
+        for stream in self.streams.values():
+            if stream.window_hist:
+                for index, count in stream.window_hist.items():
+                    merged[index] = merged.get(index, 0) + count
+                stream.window_hist = {}
+        return merged
+
+    def summary(self) -> dict[str, Any]:
+        """The whole session: loss before and after repair, feedback sent, freezes, jitter,
+        end-to-end delay (percentiles and the sparse histogram, for merging)."""
+        end = self.stopped_at or time.monotonic()
+        rx = exp = dup = repaired = jumps = frames = freezes = 0
+        freeze = watch = 0.0
+        jitter: dict[str, float] = {}
+        hist: dict[int, int] = {}
+        for stream in self.streams.values():
+            kind = "video" if stream.video else "audio"
+            rx += stream.received - stream.duplicates
+            exp += stream.highest - stream.first + 1
+            dup += stream.duplicates
+            repaired += stream.repaired
+            jumps += stream.jumps
+            jitter[kind] = max(jitter.get(kind, 0.0), round(1000 * stream.jitter / stream.clock, 2))
+            if stream.video:
+                frames += stream.frames
+                freezes += stream.freezes
+                freeze += stream.freeze_s + (stream.ongoing_freeze(end) if self.counting else 0.0)
+                if stream.first_frame_at is not None:
+                    watch = max(watch, end - stream.first_frame_at)
+                for index, count in stream.delay_hist.items():
+                    hist[index] = hist.get(index, 0) + count
+        return {
+            "streams": len(self.streams), "rx": rx, "exp": exp, "dup": dup, "repaired": repaired, "jumps": jumps,
+            "lost_raw": max(0, exp - rx + repaired), "lost_residual": max(0, exp - rx),
+            "frames": frames, "watch_s": round(watch, 3), "fps": round(frames / watch, 2) if watch > 0 else 0.0,
+            "freeze_s": round(freeze, 3), "freezes": freezes,
+            "nacks": self.nacks, "nacked": self.nacked, "plis": self.plis, "jitter_ms": jitter,
+            "delay_ms": {"p50": histogram_percentile(hist, 50), "p95": histogram_percentile(hist, 95),
+                         "max": delay_bin_upper(max(hist)) if hist else None, "n": sum(hist.values())},
+            "delay_hist": hist,
+        }
 
     def totals(self) -> dict[str, Any]:
         """Cumulative counters (differences of two calls describe a window), plus the video
@@ -461,6 +848,13 @@ class CountingStudent:
         return {"posted_at": self.posted_at, "connected": since_post(self.connected_at),
                 "first_packet": since_post(self.first_packet_at), "keyframe": since_post(self.keyframe_at)}
 
+    def event_times(self) -> dict[str, Optional[float]]:
+        """When each step of the join happened (``time.monotonic()``): POST, answer, ICE
+        connected, DTLS connected (connection state "connected"), first RTP, first keyframe."""
+        return {"posted_at": self.posted_at, "answered_at": self.answered_at,
+                "ice_connected_at": self.ice_connected_at, "connected_at": self.connected_at,
+                "first_packet_at": self.first_packet_at, "keyframe_at": self.keyframe_at}
+
     async def close(self) -> None:
         if self.session is not None:
             try:
@@ -470,14 +864,20 @@ class CountingStudent:
             self.session = None
 
 
+# What :meth:`CountingStudent.sample` returns, in order.
+SAMPLE_FIELDS = ("keyframe", "rx", "exp", "repaired", "frames", "freeze_s", "nacks", "plis",
+                 "delay_sum_ms", "delay_n", "delay_max_ms", "jitter_ms")
+
+
 # --- processes ------------------------------------------------------------------------
 
-def _process_cpu() -> float:
+def process_cpu() -> float:
+    """This process's CPU seconds (user + system), for client-side cost per student."""
     t = os.times()
     return t.user + t.system
 
 
-def _serve_pipe(conn, handlers: dict) -> None:
+def serve_pipe(conn, handlers: dict) -> None:
     """Run an asyncio loop answering ``{"op": ..., **args}`` messages on ``conn``, one
     reply per message, until an ``exit`` message."""
     aiortc_glue.restrict_host_addresses(["127.0.0.1"])
@@ -569,7 +969,7 @@ def student_worker_main(conn, worker_id: int) -> None:
         if not lag_task:
             lag_task.append(asyncio.ensure_future(watch_lag()))
         max_lag, lag["max"] = lag["max"], 0.0
-        return {"worker": worker_id, "time": time.monotonic(), "cpu": _process_cpu(), "max_loop_lag": max_lag,
+        return {"worker": worker_id, "time": time.monotonic(), "cpu": process_cpu(), "max_loop_lag": max_lag,
                 "students": {name: s.totals() for name, s in students.items()}}
 
     async def close_all() -> dict:
@@ -577,7 +977,7 @@ def student_worker_main(conn, worker_id: int) -> None:
         students.clear()
         return {"ok": True}
 
-    _serve_pipe(conn, {"join": join, "totals": totals, "close_all": close_all})
+    serve_pipe(conn, {"join": join, "totals": totals, "close_all": close_all})
 
 
 def teacher_main(conn, clip_path: str, fps: int = 30) -> None:
@@ -614,6 +1014,6 @@ def teacher_main(conn, clip_path: str, fps: int = 30) -> None:
                 for stats in (await sender.getStats()).values():
                     if stats.type == "outbound-rtp":
                         sent += stats.packetsSent
-        return {"time": time.monotonic(), "cpu": _process_cpu(), "packets_sent": sent}
+        return {"time": time.monotonic(), "cpu": process_cpu(), "packets_sent": sent}
 
-    _serve_pipe(conn, {"publish": publish_op, "unpublish": unpublish, "cpu": cpu})
+    serve_pipe(conn, {"publish": publish_op, "unpublish": unpublish, "cpu": cpu})
