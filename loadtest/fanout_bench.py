@@ -45,30 +45,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from skyclass.server.tokens import issue_token
-
 from . import light_clients
+# (free_port and process_cpu_seconds stay importable from here for older callers)
+from .common import (ROOT, PipeProcess, ServerProcess, free_port, machine_busy_seconds, metric,  # noqa: F401
+                     percentile, process_cpu_seconds, process_tree_cpu_seconds, scrape_metrics)
 
-ROOT = Path(__file__).resolve().parent.parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 FULL = {"counts": [1, 10, 50, 100, 200], "relay_counts": [1, 2, 5], "duration": 10.0, "join_count": 100,
         "join_window": 5.0, "settle": 3.0, "clip_seconds": 10}
@@ -78,83 +74,8 @@ QUICK = {"counts": [1, 10], "relay_counts": [1], "duration": 5.0, "join_count": 
 
 # --- measuring ------------------------------------------------------------------------
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from ``/proc/PID/stat``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def process_tree_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of ``pid`` and of every live descendant (the server's fan-out workers
-    are child processes), by pid."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    result: dict[int, float] = {}
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            result[current] = process_cpu_seconds(current)
-        except (OSError, IndexError, ValueError):
-            continue
-        todo.extend(children.get(current, []))
-    return result
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from ``/proc/stat``."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    total = sum(values[:8])
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
-
-
-def scrape_metrics(base_url: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text page, by name."""
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            try:
-                values[name] = float(value)
-            except ValueError:
-                pass
-    return values
-
-
-def metric(values: dict[str, float], name: str) -> float:
-    return values.get(name + "_total", values.get(name, 0.0))
-
-
-def percentile(values: list[float], p: float) -> Optional[float]:
-    """Nearest-rank percentile (``p`` in 0-100) or None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, int(-(-p * len(ordered) // 100)))  # ceil
-    return ordered[min(rank, len(ordered)) - 1]
-
-
 def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else round(1000 * seconds, 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the raw ceiling ------------------------------------------------------------------
@@ -232,43 +153,6 @@ def raw_microbench(seconds: float = 1.0, size: int = 1200) -> dict[str, float]:
 
 # --- processes --------------------------------------------------------------------------
 
-class PipeProcess:
-    """A ``multiprocessing`` (spawn) process driven by request/reply messages."""
-
-    def __init__(self, target, *args: Any) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=target, args=(child, *args), daemon=True)
-        self.process.start()
-        child.close()
-
-    def send(self, op: str, **kwargs: Any) -> None:
-        self.conn.send({"op": op, **kwargs})
-
-    def reply(self, timeout: float = 300.0) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError("no reply from client process")
-        result = self.conn.recv()
-        if isinstance(result, dict) and "error" in result:
-            raise RuntimeError(result["error"])
-        return result
-
-    def call(self, op: str, timeout: float = 300.0, **kwargs: Any) -> Any:
-        self.send(op, **kwargs)
-        return self.reply(timeout)
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.call("exit", timeout=15)
-            except Exception:
-                pass
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join()
-
-
 class StudentPool:
     """``size`` student processes; student ``i`` lives in process ``i % size``."""
 
@@ -303,56 +187,6 @@ class StudentPool:
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()
-
-
-class ServerProcess:
-    """A server under test as a subprocess: ``skyclass serve`` or the relay baseline."""
-
-    def __init__(self, kind: str, data: Path, secret: str) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.secret = secret
-        data.mkdir(parents=True, exist_ok=True)
-        if kind == "skyclass":
-            args = [sys.executable, "-m", "skyclass.server.cli", "serve", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--data", str(data), "--secret", secret,
-                    "--ice-address", "127.0.0.1"]
-        else:
-            args = [sys.executable, "-m", "skyclass.loadtest.relay_baseline", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--ice-address", "127.0.0.1"]
-        self.log_path = data / "server.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind} server not ready: {self.log_tail()}")
-                time.sleep(0.1)
-
-    def token(self, role: str, room: str, name: str) -> str:
-        return issue_token(self.secret, role, room, name, 3600)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-chars:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 # --- one steady-state window ----------------------------------------------------------------
