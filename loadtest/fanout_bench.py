@@ -26,7 +26,13 @@ Phases, in one run:
 3. **relay**: the same teacher and students against ``loadtest/relay_baseline.py``, a
    plain aiortc server that decodes the teacher once and re-encodes per student through
    ``MediaRelay``: the approach skyclass replaces.
-4. **join**: a fresh skyclass server, the teacher, and ``--join-count`` students whose
+4. **workers**: the process model's cost: the same students against ``--workers 0`` (the
+   front process fans out itself) and ``--workers 2`` (one fan-out worker per core, fed by
+   the relay protocol), each on a fresh server, at each N of ``--worker-counts``; server
+   CPU per student summed over all processes, and the ratio between the two. Plus a
+   microbenchmark of the relay hop alone: CPU per packet to frame a room packet, send it
+   to a worker's socket, read it in a batch and parse it.
+5. **join**: a fresh skyclass server, the teacher, and ``--join-count`` students whose
    WHEP POSTs are spread evenly over ``--join-window`` seconds; per student the time from
    its POST to its first video keyframe (first RTP packet whose payload starts an
    IDR/SPS): p50/p95/max, and whether every student saw video.
@@ -67,9 +73,9 @@ from .common import (ROOT, PipeProcess, ServerProcess, free_port, machine_busy_s
 
 
 FULL = {"counts": [1, 10, 50, 100, 200], "relay_counts": [1, 2, 5], "duration": 10.0, "join_count": 100,
-        "join_window": 5.0, "settle": 3.0, "clip_seconds": 10}
+        "join_window": 5.0, "settle": 3.0, "clip_seconds": 10, "worker_counts": [100]}
 QUICK = {"counts": [1, 10], "relay_counts": [1], "duration": 5.0, "join_count": 20,
-         "join_window": 2.0, "settle": 2.0, "clip_seconds": 4}
+         "join_window": 2.0, "settle": 2.0, "clip_seconds": 4, "worker_counts": [10]}
 
 
 # --- measuring ------------------------------------------------------------------------
@@ -404,6 +410,7 @@ class Settings:
     raw_seconds: float = 1.0
     profile_at: int = 0
     profile_seconds: float = 10.0
+    worker_counts: list[int] = field(default_factory=lambda: [100])
     work_dir: Optional[Path] = None
     log: Any = field(default=None)
 
@@ -517,6 +524,73 @@ def run_relay(settings: Settings, pool: StudentPool, teacher: PipeProcess, base:
     return {"rows": rows}
 
 
+def relay_hop_microbench(packets: int = 100_000, size: int = 1200) -> dict[str, float]:
+    """CPU per packet of the origin→worker hop alone: frame, send, batch-read, parse."""
+    import asyncio
+
+    from skyclass.media.relay import _RTP, encode_rtp, open_endpoint
+
+    received = 0
+
+    def on_datagram(data: bytes, addr: tuple) -> None:
+        nonlocal received
+        _RTP.unpack_from(data)
+        data[_RTP.size:]
+        received += 1
+
+    async def run() -> float:
+        edge, edge_addr = await open_endpoint(on_datagram)
+        origin, _ = await open_endpoint(lambda d, a: None)
+        payload = bytes(size)
+        started = time.process_time()
+        for i in range(packets):
+            try:
+                origin.sendto(encode_rtp(7, i & 0xFFFF, i * 3000, 0, False, payload), edge_addr)
+            except BlockingIOError:
+                pass
+            if i % 64 == 63:
+                await asyncio.sleep(0)  # let the edge drain, as the event loop would
+        while received < packets * 0.99:
+            before = received
+            await asyncio.sleep(0.01)
+            if received == before:
+                break
+        cpu = time.process_time() - started
+        edge.close()
+        origin.close()
+        return cpu
+
+    cpu = asyncio.run(run())
+    return {"us_per_packet": round(cpu / max(received, 1) * 1e6, 2), "delivered_pct": round(100 * received / packets, 2)}
+
+
+def run_workers(settings: Settings, pool: StudentPool, teacher: PipeProcess, base: Path, secret: str) -> dict:
+    """The same lesson with the front fanning out itself, then with two fan-out workers."""
+    modes: dict[str, list[dict]] = {}
+    for label, workers in (("single", 0), ("workers2", 2)):
+        server = ServerProcess("skyclass", base / f"workers-{label}", secret,
+                               extra=["--workers", str(workers), "--max-viewers-per-worker", "1000"])
+        room = f"mode-{label}"
+        try:
+            settings.say(f"workers: {label} (--workers {workers}) server pid {server.pid}")
+            _publish(teacher, server, room)
+            _wait_flowing(server)
+            modes[label] = _grow(server, pool, teacher, room, settings.worker_counts, settings, None)
+        finally:
+            _safe(lambda: teacher.call("unpublish", timeout=30))
+            _safe(pool.close_all)
+            server.stop()
+    ratios = []
+    for single, multi in zip(modes.get("single", []), modes.get("workers2", [])):
+        if single["server_cpu_per_student_pct"]:
+            ratios.append({"n": single["n"], "single_cpu_per_student_pct": single["server_cpu_per_student_pct"],
+                           "workers2_cpu_per_student_pct": multi["server_cpu_per_student_pct"],
+                           "ratio": round(multi["server_cpu_per_student_pct"] / single["server_cpu_per_student_pct"], 3),
+                           "single_loss_pct_max": single["loss_pct_max"], "workers2_loss_pct_max": multi["loss_pct_max"]})
+    settings.say("workers: relay hop microbenchmark")
+    return {"modes": modes, "ratios": ratios, "relay_hop": relay_hop_microbench()}
+
+
 def run_join(settings: Settings, pool: StudentPool, teacher: PipeProcess, base: Path, secret: str) -> dict:
     server = ServerProcess("skyclass", base / "join", secret)
     room = "join"
@@ -619,6 +693,8 @@ def run_benchmark(settings: Settings) -> dict:
             results["fanout"] = run_fanout(settings, pool, teacher, base, secret)["rows"]
         if settings.relay_counts:
             results["relay"] = run_relay(settings, pool, teacher, base, secret)["rows"]
+        if settings.worker_counts:
+            results["workers"] = run_workers(settings, pool, teacher, base, secret)
         if settings.join_count:
             results["join"] = run_join(settings, pool, teacher, base, secret)
     finally:
@@ -685,6 +761,17 @@ def format_report(results: dict) -> str:
             text += (f"; MediaRelay baseline: {min(spc):.1f}-{max(spc):.1f} students/core at "
                      f"N={relay[0]['n']}-{relay[-1]['n']}")
         lines.append(text)
+    workers = results.get("workers")
+    if workers:
+        lines.append("")
+        lines.append("process model: server CPU per student, all processes summed")
+        for r in workers["ratios"]:
+            lines.append(f"  N={r['n']}: --workers 0 {r['single_cpu_per_student_pct']:.3f}% of a core, "
+                         f"--workers 2 {r['workers2_cpu_per_student_pct']:.3f}% -> ratio {r['ratio']:.2f} "
+                         f"(loss max {r['single_loss_pct_max']}% / {r['workers2_loss_pct_max']}%)")
+        hop = workers["relay_hop"]
+        lines.append(f"  relay hop alone: {hop['us_per_packet']} us of CPU per packet per worker "
+                     f"(frame + sendto + batched recvfrom + parse; {hop['delivered_pct']}% delivered)")
     join = results.get("join")
     if join:
         lines.append("")
@@ -717,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counts", type=_int_list, help="students per step (default 1,10,50,100,200)")
     parser.add_argument("--relay-counts", type=_int_list, help="MediaRelay baseline steps (default 1,2,5; '' to skip)")
     parser.add_argument("--duration", type=float, help="steady-state window per step, seconds (default 10)")
+    parser.add_argument("--worker-counts", type=_int_list,
+                        help="students per step for --workers 0 vs 2 (default 100; '' to skip)")
     parser.add_argument("--join-count", type=int, help="students in the join measurement (default 100; 0 to skip)")
     parser.add_argument("--join-window", type=float, help="seconds over which they POST (default 5)")
     parser.add_argument("--settle", type=float, help="seconds after joins before a window (default 3)")
@@ -730,13 +819,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     base = dict(QUICK if args.quick else FULL)
-    for key in ("counts", "relay_counts", "duration", "join_count", "join_window", "settle"):
+    for key in ("counts", "relay_counts", "duration", "join_count", "join_window", "settle", "worker_counts"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
     return Settings(counts=sorted(base["counts"]), relay_counts=sorted(base["relay_counts"]),
                     duration=base["duration"], join_count=base["join_count"], join_window=base["join_window"],
                     settle=base["settle"], workers=args.workers, clip_seconds=base["clip_seconds"],
+                    worker_counts=sorted(base["worker_counts"]),
                     profile_at=args.profile_at, profile_seconds=args.profile_seconds, work_dir=args.work_dir,
                     log=sys.stderr)
 

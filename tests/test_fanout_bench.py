@@ -9,7 +9,8 @@ from skyclass.loadtest import fanout_bench
 
 def test_fanout_bench_smoke(capsys) -> None:
     fanout_bench.main(["--quick", "--counts", "2", "--relay-counts", "1", "--duration", "2", "--settle", "1",
-                       "--join-count", "2", "--join-window", "0.5", "--workers", "2"])
+                       "--join-count", "2", "--join-window", "0.5", "--workers", "2",
+                       "--worker-counts", "2"])
     out = capsys.readouterr().out.strip().splitlines()
     assert "stu/core" in "\n".join(out[:-1])  # the table comes before the JSON
     results = json.loads(out[-1])
@@ -27,6 +28,11 @@ def test_fanout_bench_smoke(capsys) -> None:
 
     (relay,) = results["relay"]
     assert relay["n"] == 1 and relay["pps_per_student"] > 20, relay
+
+    workers = results["workers"]
+    (ratio,) = workers["ratios"]
+    assert ratio["n"] == 2 and ratio["single_cpu_per_student_pct"] > 0 and ratio["workers2_cpu_per_student_pct"] > 0
+    assert 0 < workers["relay_hop"]["us_per_packet"] < 1000 and workers["relay_hop"]["delivered_pct"] > 50
 
     join = results["join"]
     assert join["saw_video"] == 2 and join["all_saw_video"], join
