@@ -44,6 +44,7 @@ class RecordingInfo:
     codecs: dict[str, str] = field(default_factory=dict)
     container: str = "fmp4"
     segments: int = 0
+    lesson: Optional[str] = None  # the timetable's lesson id, when the lesson lookup knows it
 
     def public(self) -> dict:
         """The API's view: the stored fields plus where to play and download it."""

@@ -457,7 +457,7 @@ class RecordingManager:
     def __init__(self, settings: RecorderSettings, store: Optional[RecordingStore] = None,
                  describe: Optional[Callable[[str, float], Awaitable[Optional[dict]]]] = None) -> None:
         """``describe(room, started_at)`` may look the lesson up (e.g. in the timetable) and
-        return ``grade``, ``subject``, ``title``; without it (or when it knows nothing) they
+        return ``grade``, ``subject``, ``title`` (and ``lesson``, its id); without it (or when it knows nothing) they
         come from the teacher's token claims or the room's name (:func:`classify_room`)."""
         self.settings = settings
         self.store: RecordingStore = store if store is not None else MemoryStore()
@@ -532,7 +532,7 @@ class RecordingManager:
             return
         if not facts:
             return
-        for name in ("grade", "subject", "title"):
+        for name in ("grade", "subject", "title", "lesson"):
             if facts.get(name):
                 setattr(info, name, str(facts[name]))
         recording.meta_dirty = True
