@@ -251,25 +251,31 @@ NACK_MAX = 256
 
 
 def delay_bin(ms: float) -> int:
-    """Histogram bin of a delay: 1 ms wide below 100 ms, 5 ms below 1 s, 50 ms below 10 s."""
+    """Histogram bin of a delay: 1 ms wide below 100 ms, 5 ms below 1 s, 50 ms below 10 s,
+    500 ms below 60 s; one last bin for anything slower."""
     if ms < 100:
         return max(0, int(ms))
     if ms < 1000:
         return 100 + int((ms - 100) / 5)
     if ms < 10000:
         return 280 + int((ms - 1000) / 50)
-    return 460
+    if ms < 60000:
+        return 460 + int((ms - 10000) / 500)
+    return 560
 
 
 def delay_bin_upper(index: int) -> float:
-    """The upper edge of a :func:`delay_bin` bin, in ms (percentiles err on the slow side)."""
+    """The upper edge of a :func:`delay_bin` bin, in ms (percentiles err on the slow side;
+    the last bin, "a minute or more", reads as 60,000)."""
     if index < 100:
         return index + 1.0
     if index < 280:
         return 100 + (index - 99) * 5.0
     if index < 460:
         return 1000 + (index - 279) * 50.0
-    return math.inf
+    if index < 560:
+        return 10000 + (index - 459) * 500.0
+    return 60000.0
 
 
 def histogram_percentile(hist: dict[int, int], p: float) -> Optional[float]:
