@@ -70,7 +70,8 @@ def window_stats(prev: Snapshot, cur: Snapshot, t0: float, cores: int, impaired:
         before.update(worker["live"])
     states: Counter = Counter()
     losses, residuals, jitters = [], [], []
-    frozen = 0
+    frozen = watching = 0
+    freeze_s = 0.0
     keyframes = 0
     nacks = plis = 0
     hist: dict[int, int] = {}
@@ -93,8 +94,11 @@ def window_stats(prev: Snapshot, cur: Snapshot, t0: float, cores: int, impaired:
                 losses.append(max(0.0, 100.0 * (exp - rx + repaired) / exp))
                 residuals.append(max(0.0, 100.0 * (exp - rx) / exp))
                 jitters.append(now[FIELD["jitter_ms"]])
-            if now[FIELD["freeze_s"]] - old[FIELD["freeze_s"]] > 0:
+            froze = now[FIELD["freeze_s"]] - old[FIELD["freeze_s"]]
+            if froze > 0:
                 frozen += 1
+                freeze_s += min(froze, dt)
+            watching += 1
     failed = states.get("failed", 0)
     row: dict[str, Any] = {
         "t": round(cur.time - t0, 2),
@@ -109,7 +113,7 @@ def window_stats(prev: Snapshot, cur: Snapshot, t0: float, cores: int, impaired:
         "delay_p50": histogram_percentile(hist, 50), "delay_p95": histogram_percentile(hist, 95),
         "delay_p99": histogram_percentile(hist, 99), "frames_timed": sum(hist.values()),
         "jitter_p95": _r(percentile(jitters, 95), 2),
-        "frozen": frozen, "nacks": nacks, "plis": plis,
+        "frozen": frozen, "freeze_pct": _r(_pct(freeze_s, watching * dt)), "nacks": nacks, "plis": plis,
         "client_cpu": _r(sum(w["cpu"] for w in cur.workers) - sum(w["cpu"] for w in prev.workers), 4),
         "client_lag_ms": _r(1000 * max((w["lag"] for w in cur.workers), default=0.0), 1),
     }

@@ -110,11 +110,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         progress.end_line()
     json_path, html_path = write_report(report, args.report, charts)
     # The summary is the command's output: stdout, on purpose.
-    sys.stdout.write(terminal_summary(report) + "\n")
     if report.get("capacity"):
         from .capacity import capacity_summary
 
         sys.stdout.write(capacity_summary(report) + "\n")
+    else:
+        sys.stdout.write(terminal_summary(report) + "\n")
     sys.stdout.write(f"report: {json_path} {html_path}\n")
     sys.stdout.flush()
     return {"pass": EXIT_PASS, "skipped": EXIT_PASS}.get(report["verdict"], EXIT_FAIL)

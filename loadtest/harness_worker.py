@@ -348,10 +348,23 @@ def harness_worker_main(conn: Any, worker_id: int) -> None:
                 "teachers": [t.record() for t in teachers],
                 "replay": [v.record() for v in viewers]}
 
+    async def join_times(ids: list[str]) -> dict:
+        """Join outcome of the sessions among ``ids`` that live here (the capacity finder
+        judges each step's joins)."""
+        out = {}
+        for sid in ids:
+            session = sessions.get(sid)
+            if session is not None:
+                record = session.record()
+                out[sid] = {"keyframe_s": record["keyframe_s"], "http_status": record["http_status"],
+                            "state": record["state"]}
+        return out
+
     async def teachers_live() -> dict:
         """Packets sent so far by live teachers (ingress loss = sent - what the server got)."""
         return {"sent": sum([await t.count_sent() for t in teachers if t.state == "live"]),
                 "time": time.monotonic()}
 
     light_clients.serve_pipe(conn, {"live": live, "teach": teach, "replay": replay, "sample": sample,
-                                    "finish": finish, "teachers_live": teachers_live})
+                                    "finish": finish, "teachers_live": teachers_live,
+                                    "join_times": join_times})

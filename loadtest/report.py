@@ -31,11 +31,15 @@ class TerminalProgress:
         self._dirty = False
 
     def __call__(self, row: dict, context: dict) -> None:
-        duration = context.get("duration") or 1.0
-        done = min(1.0, row["t"] / duration)
-        filled = int(round(done * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
-        parts = [f"[{bar}] {100 * done:3.0f}% {row['t']:5.0f}/{duration:.0f}s"]
+        duration = context.get("duration")
+        if duration:  # a run of known length: a bar
+            done = min(1.0, row["t"] / duration)
+            filled = int(round(done * self.width))
+            bar = "#" * filled + "." * (self.width - filled)
+            parts = [f"[{bar}] {100 * done:3.0f}% {row['t']:5.0f}/{duration:.0f}s"]
+        else:  # open-ended (the capacity search): what it is doing
+            done = 0.0
+            parts = [f"{context.get('label', '')} {row['t']:5.0f}s"]
         if context.get("sessions"):
             parts.append(f"joined {row['joined']}/{context['sessions']} failed {row['failed']} active {row['active']}")
             if row.get("loss_p95") is not None:
@@ -138,6 +142,22 @@ def _nice_max(value: float) -> float:
     return 10 ** (exponent + 1)
 
 
+def _ticks(lo: float, hi: float, count: int = 8) -> list[float]:
+    """Round-numbered ticks between ``lo`` and ``hi`` (about ``count`` of them)."""
+    raw = (hi - lo) / max(1, count - 1)
+    if raw <= 0:
+        return [lo]
+    exponent = 10 ** math.floor(math.log10(raw))
+    step = next(m * exponent for m in (1, 2, 2.5, 5, 10) if m * exponent >= raw)
+    first = math.ceil(lo / step) * step
+    ticks = []
+    value = first
+    while value <= hi + 1e-9 and len(ticks) < 20:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
 def line_chart(title: str, series: list[tuple[str, list[tuple[float, Optional[float]]]]], x_label: str = "s",
                y_label: str = "", width: int = 620, height: int = 230, step: bool = False,
                hline: Optional[tuple[float, str]] = None) -> str:
@@ -173,9 +193,8 @@ def line_chart(title: str, series: list[tuple[str, list[tuple[float, Optional[fl
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>')
         label = f"{value:.3g}"
         out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    for i in range(6):
-        x = x0 + (x1 - x0) * i / 5
-        out.append(f'<text x="{sx(x):.1f}" y="{top + ph + 14}" text-anchor="middle">{x:.3g}</text>')
+    for x in _ticks(x0, x1):
+        out.append(f'<text x="{sx(x):.1f}" y="{top + ph + 14}" text-anchor="middle">{x:.6g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{html.escape(x_label)}</text>')
     if y_label:
         out.append(f'<text x="12" y="{top + ph / 2}" text-anchor="middle" '
