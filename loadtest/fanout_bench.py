@@ -73,7 +73,7 @@ from .common import (ROOT, PipeProcess, ServerProcess, free_port, machine_busy_s
 
 
 FULL = {"counts": [1, 10, 50, 100, 200], "relay_counts": [1, 2, 5], "duration": 10.0, "join_count": 100,
-        "join_window": 5.0, "settle": 3.0, "clip_seconds": 10, "worker_counts": [100]}
+        "join_window": 5.0, "settle": 3.0, "clip_seconds": 10, "worker_counts": [100, 200]}
 QUICK = {"counts": [1, 10], "relay_counts": [1], "duration": 5.0, "join_count": 20,
          "join_window": 2.0, "settle": 2.0, "clip_seconds": 4, "worker_counts": [10]}
 
@@ -805,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--relay-counts", type=_int_list, help="MediaRelay baseline steps (default 1,2,5; '' to skip)")
     parser.add_argument("--duration", type=float, help="steady-state window per step, seconds (default 10)")
     parser.add_argument("--worker-counts", type=_int_list,
-                        help="students per step for --workers 0 vs 2 (default 100; '' to skip)")
+                        help="students per step for --workers 0 vs 2 (default 100,200; '' to skip)")
     parser.add_argument("--join-count", type=int, help="students in the join measurement (default 100; 0 to skip)")
     parser.add_argument("--join-window", type=float, help="seconds over which they POST (default 5)")
     parser.add_argument("--settle", type=float, help="seconds after joins before a window (default 3)")

@@ -17,7 +17,7 @@
   const token = sc.tokenFromQuery();
   const $ = (id) => document.getElementById(id);
   const ui = {
-    player: $("player"), video: $("video"), note: $("note"), status: $("status"),
+    player: $("player"), video: $("video"), speaker: $("speaker"), note: $("note"), status: $("status"),
     statusText: $("status-text"), roomName: $("room-name"), unmute: $("unmute"), fullscreen: $("fullscreen"),
   };
   const LABELS = {
@@ -28,7 +28,9 @@
 
   let state = "connecting";
   let connection = null;
-  let remote = null; // MediaStream of the current session
+  let remote = null; // MediaStream of the current session: the teacher
+  let speakerStream = null; // whoever has the floor (a student who speaks), if anyone
+  let slots = null; // this session's transceivers: main and speaker
   let lastError = null;
   let reconnects = 0;
   let lastFrames = 0;
@@ -50,12 +52,40 @@
 
   function prepare(pc) {
     remote = new MediaStream();
+    speakerStream = new MediaStream();
     lastFrames = 0;
-    pc.addTransceiver("audio", { direction: "recvonly" });
-    pc.addTransceiver("video", { direction: "recvonly" });
+    // The first audio/video pair receives the teacher; the second pair is the room's speaker
+    // slot (a student given the floor), pre-allocated so a new speaker needs no renegotiation.
+    slots = {
+      audio: pc.addTransceiver("audio", { direction: "recvonly" }),
+      video: pc.addTransceiver("video", { direction: "recvonly" }),
+      speakerAudio: pc.addTransceiver("audio", { direction: "recvonly" }),
+      speakerVideo: pc.addTransceiver("video", { direction: "recvonly" }),
+    };
+    // No srcObject until a track arrives: a media element with an empty stream delays the
+    // page's load event indefinitely.
+    ui.speaker.srcObject = null;
+    ui.speaker.classList.add("hidden");
+  }
+
+  function onSpeakerTrack(track) {
+    speakerStream.addTrack(track);
+    if (ui.speaker.srcObject !== speakerStream) ui.speaker.srcObject = speakerStream;
+    // A slot's track is muted while nobody speaks and unmutes when RTP flows.
+    const show = () => {
+      const live = speakerStream.getTracks().some((t) => !t.muted);
+      ui.speaker.classList.toggle("hidden", !live || !speakerStream.getVideoTracks().some((t) => !t.muted));
+      if (live) ui.speaker.play().catch(() => {});
+    };
+    track.addEventListener("unmute", show);
+    track.addEventListener("mute", show);
   }
 
   function onTrack(event) {
+    if (slots && (event.transceiver === slots.speakerAudio || event.transceiver === slots.speakerVideo)) {
+      onSpeakerTrack(event.track);
+      return;
+    }
     remote.addTrack(event.track);
     if (ui.video.srcObject !== remote) {
       ui.video.srcObject = remote;
@@ -101,13 +131,20 @@
       state, connectionState: pc ? pc.connectionState : "new", reconnects,
       framesDecoded: 0, framesDropped: 0, packetsReceived: 0, packetsLost: 0, bytesReceived: 0,
       framesPerSecond: 0, frameWidth: 0, frameHeight: 0, jitter: 0, codec: null,
-      audioPacketsReceived: 0,
+      audioPacketsReceived: 0, speakerAudioPacketsReceived: 0, speakerFramesDecoded: 0,
     };
     if (!pc) return out;
     const report = await pc.getStats();
     Object.assign(out, sc.selectedPair(report));
     report.forEach((s) => {
       if (s.type !== "inbound-rtp") return;
+      // The teacher's m-lines only; the speaker slot has figures of its own.
+      const main = slots && (s.mid === slots.audio.mid || s.mid === slots.video.mid);
+      if (slots && !main) {
+        if (s.kind === "audio") out.speakerAudioPacketsReceived += s.packetsReceived || 0;
+        else out.speakerFramesDecoded += s.framesDecoded || 0;
+        return;
+      }
       if (s.kind === "audio") {
         out.audioPacketsReceived += s.packetsReceived || 0;
         return;
@@ -161,6 +198,7 @@
 
   function setMuted(muted) {
     ui.video.muted = muted;
+    ui.speaker.muted = muted;
     setButton(ui.unmute, muted ? "muted" : "sound", muted ? "Unmute" : "Mute");
     ui.unmute.classList.toggle("attention", muted);
     ui.unmute.setAttribute("aria-pressed", String(!muted));
@@ -170,6 +208,7 @@
     setMuted(!ui.video.muted);
     // A click is the user gesture browsers require before playing sound.
     ui.video.play().catch(() => {});
+    ui.speaker.play().catch(() => {});
   });
 
   const fullscreenElement = () => document.fullscreenElement || document.webkitFullscreenElement;
