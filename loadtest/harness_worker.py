@@ -360,11 +360,5 @@ def harness_worker_main(conn: Any, worker_id: int) -> None:
                             "state": record["state"]}
         return out
 
-    async def teachers_live() -> dict:
-        """Packets sent so far by live teachers (ingress loss = sent - what the server got)."""
-        return {"sent": sum([await t.count_sent() for t in teachers if t.state == "live"]),
-                "time": time.monotonic()}
-
     light_clients.serve_pipe(conn, {"live": live, "teach": teach, "replay": replay, "sample": sample,
-                                    "finish": finish, "teachers_live": teachers_live,
-                                    "join_times": join_times})
+                                    "finish": finish, "join_times": join_times})

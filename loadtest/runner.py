@@ -406,10 +406,13 @@ def run_scenario(options: Options) -> dict[str, Any]:
             f"{len({s['student'] for s in plan.sessions})} students ({len(plan.sessions)} sessions), "
             f"{len(plan.viewers)} replay viewers, {plan.end:.0f} s; {len(pool.students)} client processes")
         t0 = time.monotonic() + 1.0
-        pool.schedule(target.url, t0, plan, clip, scenario)
-        timeline = sample_until(pool, target, t0, plan.end + scenario.run.drain, scenario.run.sample_interval,
-                                plan, options)
-        live, teachers, viewers, client_cpu = pool.finish()
+        if plan.lessons or plan.sessions or plan.viewers:
+            pool.schedule(target.url, t0, plan, clip, scenario)
+            timeline = sample_until(pool, target, t0, plan.end + scenario.run.drain, scenario.run.sample_interval,
+                                    plan, options)
+        else:
+            timeline = []  # everything was skipped: nothing to wait for
+        live, teachers, viewers, _ = pool.finish()
     finally:
         if pool is not None:
             pool.stop()
@@ -437,6 +440,9 @@ def sample_until(pool: ClientPool, target: Target, t0: float, duration: float, i
         if options.progress:
             options.progress(row, context)
         previous = current
+        if not plan.sessions and plan.viewers and row.get("replay_done", 0) + row.get("replay_failed", 0) \
+                >= len(plan.viewers):
+            break  # a replay-only run is over when every viewer is
     return timeline
 
 

@@ -159,3 +159,16 @@ def test_injected_loss_is_reported_at_that_loss(server: ServerProcess, tmp_path:
     others = [s for s in report["students"] if not s["impaired"]]
     assert len(others) == 2 and all(s["loss_raw_pct"] < 0.5 for s in others)
     assert report["verdict"] == "pass", report["objectives"]
+
+
+def test_replay_is_skipped_cleanly_without_recordings(fresh_server: ServerProcess, tmp_path: Path) -> None:
+    """``replay-evening`` against a deployment with nothing recorded: verdict "skipped", exit 0."""
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        skyclass_main(["--log-level", "WARNING", "loadtest", "replay-evening", "--url", fresh_server.url,
+                       "--secret", SECRET, "--report", str(out), "--scale", "0.001", "--workers", "1", "--quiet"])
+    assert exit_info.value.code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "skipped" and report["plan"]["replay_viewers"] == 0
+    assert all(row["status"] == "skipped" for row in report["objectives"])
+    assert any("no recordings" in note for note in report["notes"])
