@@ -116,7 +116,7 @@ def find_capacity(options: Options) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     try:
         clip = ensure_clip(scenario.teacher)
-        pool = ClientPool(options.workers)
+        pool = ClientPool(options.workers, target.host_addresses())
         pool.wait_ready()
         t0 = time.monotonic() + 0.5
         pool.teacher.call("teach", url=target.url, clip=str(clip), fps=scenario.teacher.fps,

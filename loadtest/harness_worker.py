@@ -254,8 +254,10 @@ class Teacher:
                 "keyframe_requests": getattr(self.video, "keyframe_requests", 0)}
 
 
-def harness_worker_main(conn: Any, worker_id: int) -> None:
-    """Entry point of a client process (``multiprocessing`` spawn)."""
+def harness_worker_main(conn: Any, worker_id: int, host_addresses: Optional[list[str]] = None) -> None:
+    """Entry point of a client process (``multiprocessing`` spawn). ``host_addresses``:
+    the ICE host candidates its peers may offer (["127.0.0.1"] against a server on this
+    machine; None to gather the machine's interfaces for a remote deployment)."""
     sessions: dict[str, LiveSession] = {}
     teachers: list[Teacher] = []
     viewers: list[ReplayViewer] = []
@@ -361,4 +363,4 @@ def harness_worker_main(conn: Any, worker_id: int) -> None:
         return out
 
     light_clients.serve_pipe(conn, {"live": live, "teach": teach, "replay": replay, "sample": sample,
-                                    "finish": finish, "join_times": join_times})
+                                    "finish": finish, "join_times": join_times}, host_addresses)

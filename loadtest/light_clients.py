@@ -883,10 +883,14 @@ def process_cpu() -> float:
     return t.user + t.system
 
 
-def serve_pipe(conn, handlers: dict) -> None:
+def serve_pipe(conn, handlers: dict, host_addresses: Optional[list[str]] = ["127.0.0.1"]) -> None:  # noqa: B006
     """Run an asyncio loop answering ``{"op": ..., **args}`` messages on ``conn``, one
-    reply per message, until an ``exit`` message."""
-    aiortc_glue.restrict_host_addresses(["127.0.0.1"])
+    reply per message, until an ``exit`` message.
+
+    ``host_addresses``: the only ICE host candidates this process's peers offer (media to
+    a local server stays on 127.0.0.1, testing.md); None lets aioice gather the machine's
+    interfaces, which a load machine driving a remote deployment needs."""
+    aiortc_glue.restrict_host_addresses(host_addresses)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:

@@ -116,6 +116,12 @@ class Target:
             raise HarnessError(f"{target.url}/healthz: {exc}") from exc
         return target
 
+    def host_addresses(self) -> Optional[list[str]]:
+        """ICE host candidates for the simulated clients: loopback only against a server
+        on this machine (media never leaves 127.0.0.1 then), the machine's interfaces
+        against a deployment elsewhere."""
+        return ["127.0.0.1"] if self.same_machine else None
+
     def token(self, role: str, room: str, name: str, ttl: int) -> str:
         return issue_token(self.secret, role, room, name, ttl)
 
@@ -261,9 +267,9 @@ def build_plan(scenario: Scenario, scale: float, target: Target, prefix: str, rn
 class ClientPool:
     """``workers`` student processes and one teacher process, all :func:`harness_worker_main`."""
 
-    def __init__(self, workers: int) -> None:
-        self.students = [PipeProcess(harness_worker_main, i) for i in range(max(1, workers))]
-        self.teacher = PipeProcess(harness_worker_main, -1)
+    def __init__(self, workers: int, host_addresses: Optional[list[str]]) -> None:
+        self.students = [PipeProcess(harness_worker_main, i, host_addresses) for i in range(max(1, workers))]
+        self.teacher = PipeProcess(harness_worker_main, -1, host_addresses)
         self.all = self.students + [self.teacher]
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -394,7 +400,7 @@ def run_scenario(options: Options) -> dict[str, Any]:
     started = time.time()
     try:
         clip = ensure_clip(scenario.teacher)
-        pool = ClientPool(options.workers)
+        pool = ClientPool(options.workers, target.host_addresses())
         pool.wait_ready()
         recordings, replay_skip = prepare_recordings(target, pool, scenario, clip, options.room_prefix, say)
         if not scenario.replay:
@@ -490,6 +496,12 @@ def build_report(options: Options, target: Target, plan: Plan, timeline: list[di
     if lag > 200:
         notes.append(f"the harness's own event loop lagged up to {lag:.0f} ms: delays and join times include "
                      "client-side waiting (add --workers or a load machine)")
+    cores = os.cpu_count() or 1
+    saturated = [r for r in timeline if r["machine_busy_cores"] >= 0.95 * cores]
+    if len(saturated) >= max(2, 0.1 * len(timeline)):
+        notes.append(f"this machine's CPU was saturated (>= 95 % of {cores} cores busy) in {len(saturated)} of "
+                     f"{len(timeline)} samples, other processes included: server and simulated clients were starved "
+                     "for CPU then, so failures there may be the machine's rather than the server's")
     cost = summary["cost"]
     if cost.get("client_cpu_per_student_pct") and cost.get("server_cpu_per_student_pct"):
         if cost["client_cpu_per_student_pct"] > cost["server_cpu_per_student_pct"]:
