@@ -309,6 +309,15 @@ def set_consent_timeout(seconds: float) -> None:
     aioice.ice.CONSENT_INTERVAL = max(seconds / 4, 0.5)
 
 
+def _ice_connections(pc: RTCPeerConnection) -> list:
+    """The aioice connections under ``pc``'s transceivers, each once (BUNDLE shares one)."""
+    connections: dict[int, object] = {}
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        connections.setdefault(id(connection), connection)
+    return list(connections.values())
+
+
 def observe_rtp(receiver: RTCRtpReceiver, observer: Callable[[RtpPacket], bool]) -> None:
     """Let ``observer`` see each decrypted RTP packet before the stock receiver does.
 
@@ -330,12 +339,7 @@ def vanish(pc: RTCPeerConnection) -> None:
     This is a student whose laptop lid closed or whose Wi-Fi dropped; load tests and
     tests use it to check the server notices by ICE consent alone.
     """
-    seen = set()
-    for transceiver in pc.getTransceivers():
-        connection = transceiver.receiver.transport.transport._connection
-        if id(connection) in seen:
-            continue
-        seen.add(id(connection))
+    for connection in _ice_connections(pc):
         for protocol in list(connection._protocols):
             if protocol.transport is not None:
                 protocol.transport.close()
@@ -353,12 +357,7 @@ def intercept_datagrams(pc: RTCPeerConnection, accept: Callable[[bytes], bool]) 
     count RTP from the clear header without decrypting. Call after the local description
     is set (the sockets exist from then on).
     """
-    seen = set()
-    for transceiver in pc.getTransceivers():
-        connection = transceiver.receiver.transport.transport._connection
-        if id(connection) in seen:
-            continue
-        seen.add(id(connection))
+    for connection in _ice_connections(pc):
         for protocol in connection._protocols:
             original = protocol.datagram_received
 
@@ -377,8 +376,7 @@ def stop_consent_checks(pc: RTCPeerConnection) -> None:
     publisher the media itself is the proof of life: the server watches RTP arrival
     instead (``RoomRegistry`` watchdog).
     """
-    for transceiver in pc.getTransceivers():
-        connection = transceiver.receiver.transport.transport._connection
+    for connection in _ice_connections(pc):
         task = connection._query_consent_task
         if task is not None and not task.done():
             task.cancel()
