@@ -6,8 +6,9 @@ rules a scenario run uses.
 
 Definitions (they are what the report's tables say):
 
-* a **join** succeeds when the student saw its first video keyframe (reached media)
-  within the join timeout; its times are from its first request (503 retries included);
+* a **join** succeeds when the student saw its first video keyframe (reached media);
+  a student still not connected at the join timeout gives up; times are from its first request
+  (503 retries included);
 * **loss** is per student over its whole watch: sequence numbers missing at first
   arrival, of all expected (``raw``), and still missing after NACK repair (``residual``);
   the objectives use the 95th percentile over students;

@@ -86,8 +86,9 @@ def plan_district(scenario: Any, per_core: Optional[float], per_node: Optional[f
         })
         if out["servers_for_largest_room"] and out["servers_for_largest_room"] > 1:
             out["note"] = (f"a {largest_room}-student room does not fit one {cores_per_server}-core server "
-                           f"({int(per_server)} students): it needs an origin plus edge nodes relaying it "
-                           f"(design.md, scale-out), {out['servers_for_largest_room']} servers per such room")
+                           f"({int(per_server)} students): it needs {out['servers_for_largest_room']} servers, an "
+                           "origin plus edge nodes on other machines relaying it (design.md scale-out; "
+                           "docs/relay-protocol.md is the origin-to-edge relay the fan-out workers use today)")
     elif per_node:
         usable = per_node * (1 - headroom)
         out.update({"students_per_node_measured": round(per_node, 1),
@@ -188,6 +189,9 @@ def find_capacity(options: Options) -> dict[str, Any]:
                    "client_cpu_cores": window.get("client_cpu"), "teacher_cpu_cores": window.get("teacher_cpu"),
                    "machine_busy_cores": window.get("machine_busy_cores"), "client_lag_ms": window.get("client_lag_ms"),
                    "server_pps_out": window.get("server_pps_out"), "active": window.get("active")}
+            step_rows = [r for r in timeline if r.get("students") == goal]
+            row["machine_busy_max"] = max((r["machine_busy_cores"] for r in step_rows), default=None)
+            row["client_lag_ms_max"] = max((r["client_lag_ms"] or 0 for r in step_rows), default=None)
             steps.append(row)
             say(f"  {goal} students: {'holds' if holds else 'breaks: ' + reason}; server "
                 f"{_fmt(row['server_cpu_cores'], '.2f')} cores, loss p95 {_fmt(row['loss_p95_pct'], '.2f')}%, "
@@ -250,9 +254,10 @@ def capacity_report(options: Options, target: Target, steps: list[dict], best: O
         per_core = best["students"] / best["server_cpu_cores"]
     broke = steps[-1] if steps and not steps[-1]["held"] else None
     if broke:
-        if (broke.get("machine_busy_cores") or 0) >= SATURATED * cores or (broke.get("client_lag_ms") or 0) > 250:
-            notes.append(f"at the break the machine was saturated ({_fmt(broke.get('machine_busy_cores'), '.2f')} of "
-                         f"{cores} cores busy, harness lag {_fmt(broke.get('client_lag_ms'), '.0f')} ms): server and "
+        if (broke.get("machine_busy_max") or 0) >= SATURATED * cores or (broke.get("client_lag_ms_max") or 0) > 250:
+            notes.append(f"at the break the machine was saturated (up to {_fmt(broke.get('machine_busy_max'), '.2f')} "
+                         f"of {cores} cores busy, harness lag up to {_fmt(broke.get('client_lag_ms_max'), '.0f')} ms): "
+                         "server and "
                          "load generator share it, so the count that held is a lower bound for the server; the "
                          "per-core figure (students per core of server CPU) is the one to plan with")
     else:

@@ -96,8 +96,7 @@ class LiveSession:
         self.requested_at = time.monotonic()
         deadline = self.requested_at + timeout
         try:
-            async with limit:
-                await self._join(url, deadline)
+            await self._join(url, deadline, limit)
         except Exception as exc:
             self.state = "failed"
             self.failure = self.failure or f"{exc.__class__.__name__}: {exc}"
@@ -113,13 +112,18 @@ class LiveSession:
             pass
         await self.leave(self.leave_mode)
 
-    async def _join(self, url: str, deadline: float) -> None:
-        """WHEP with a browser's patience: retry a 503 after its Retry-After until the deadline."""
+    async def _join(self, url: str, deadline: float, limit: asyncio.Semaphore) -> None:
+        """WHEP with a browser's patience: retry a 503 after its Retry-After until the deadline.
+
+        ``limit`` bounds the handshakes this process runs at once (offer, POST, ICE, DTLS),
+        so a join storm cannot starve the students already watching here; a student
+        waiting for it is already "requesting" (its join time includes the wait, and the
+        report flags harness lag when that matters)."""
         while True:
             self.attempts += 1
             try:
-                await asyncio.wait_for(self.student.join(url, self.room, self.token),
-                                       max(0.1, deadline - time.monotonic()))
+                async with limit:
+                    await asyncio.wait_for(self._attempt(url), max(0.1, deadline - time.monotonic()))
                 break
             except SignallingFailed as exc:
                 self.http_status = exc.status
@@ -133,6 +137,10 @@ class LiveSession:
                 await asyncio.sleep(pause)
                 self.student = light_clients.CountingStudent(self.id, feedback=self.student.feedback)
         self.failure = ""
+
+    async def _attempt(self, url: str) -> None:
+        """One WHEP request, then ICE and DTLS until connected."""
+        await self.student.join(url, self.room, self.token)
         self.http_status = 201
         session = self.student.session
         assert session is not None
@@ -140,7 +148,7 @@ class LiveSession:
             # Wraps the student's own counting handler: drops happen before it counts.
             accept, self.injected = lossy_filter(self.drop_every)
             aiortc_glue.intercept_datagrams(session.pc, accept)
-        await asyncio.wait_for(session.connected.wait(), max(0.1, deadline - time.monotonic()))
+        await session.connected.wait()
 
     async def leave(self, mode: str) -> None:
         if self.state != "connected":

@@ -377,7 +377,7 @@ def render_html(report: dict, charts: Optional[list[str]] = None, title: Optiona
 
 CAPACITY_COLUMNS = ["students", "held", "reason", "join_success_pct", "keyframe_p95_s", "loss_p95_pct",
                     "residual_p95_pct", "freeze_pct", "delay_p95_ms", "server_cpu_cores", "client_cpu_cores",
-                    "machine_busy_cores", "client_lag_ms"]
+                    "machine_busy_cores", "machine_busy_max", "client_lag_ms_max"]
 
 
 def write_report(report: dict, directory: Path, charts: Optional[list[str]] = None) -> tuple[Path, Path]:
