@@ -334,8 +334,12 @@ def take_snapshot(pool: ClientPool, target: Target) -> analysis.Snapshot:
     workers, teacher = pool.sample()
     now = time.monotonic()
     t = os.times()
-    return analysis.Snapshot(time=now, workers=workers, teacher=teacher, server_cpu=target.cpu_seconds(),
-                             server_rss=target.rss_bytes(), metrics=target.metrics(), machine=machine_busy_seconds(),
+    metrics = target.metrics()
+    cpu = target.cpu_seconds()
+    if cpu is None:  # a remote server: its CPU only if its /metrics exports the standard process counter
+        cpu = metrics.get("process_cpu_seconds_total")
+    return analysis.Snapshot(time=now, workers=workers, teacher=teacher, server_cpu=cpu,
+                             server_rss=target.rss_bytes(), metrics=metrics, machine=machine_busy_seconds(),
                              own_cpu=t.user + t.system)
 
 
@@ -482,7 +486,9 @@ def build_report(options: Options, target: Target, plan: Plan, timeline: list[di
                                      for r in timeline)),
         "dropped_slow_viewer": round(sum((r.get("server_dropped_slow") or 0) * options.scenario.run.sample_interval
                                          for r in timeline)),
-        "cpu_source": "/proc (server on this machine)" if target.pid else "unavailable (remote server)",
+        "cpu_source": ("/proc (server on this machine)" if target.pid else
+                       "/metrics process_cpu_seconds_total" if server_rows else
+                       "unavailable (remote server whose /metrics has no process_cpu_seconds_total)"),
     }
     summary["harness"] = {"client_processes": options.workers,
                           "client_lag_ms_max": max((r["client_lag_ms"] or 0 for r in timeline), default=None),
