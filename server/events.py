@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -47,6 +48,7 @@ MAX_TEXT = 500
 MAX_ANSWER = 2000
 MAX_NAME = 120
 MAX_ERRORS = 60  # refused messages before a client is disconnected
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4
 
 # kind -> (burst, refill per second) for students
 STUDENT_LIMITS: dict[str, tuple[float, float]] = {
@@ -224,6 +226,22 @@ class Connection:
             raise Refused("bad_request", f"unknown message type {kind!r}")
 
 
+def keepalive(transport: Any) -> None:
+    """TCP keepalive on a client's socket: probes after KEEPALIVE_IDLE s of silence, every
+    KEEPALIVE_INTERVAL s, dropped after KEEPALIVE_COUNT unanswered ones (~2 minutes)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError as exc:
+        logger.debug("cannot set TCP keepalive: %s", exc)
+
+
 async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     """``GET /ws/{room}?token=``: the room's events for one person."""
     room = request.match_info["room"]
@@ -234,8 +252,12 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     if not ({"subscribe", "moderate"} & set(claims.grants)):
         raise HttpError(403, "forbidden", f"role {claims.role!r} may not join room events")
     lesson, scope, kind = await classroom.context(room)
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024, compress=False)
+    # No aiohttp heartbeat: a ping task per client every few seconds is the largest cost of
+    # an idle 5,000-student lesson. The kernel's TCP keepalive finds vanished peers instead,
+    # for free; pages may also send {"type": "ping"} (e.g. to keep an L7 proxy's idle timer).
+    ws = web.WebSocketResponse(heartbeat=None, max_msg_size=64 * 1024, compress=False)
     await ws.prepare(request)
+    keepalive(request.transport)
     client = Client(ws=ws, transport=request.transport, room=room, scope=scope, claims=claims, pending=[])
     connection = Connection(classroom, client, kind)
     classroom.add_client(client)

@@ -31,7 +31,9 @@ EventHandler = Callable[[str, dict], None]
 
 HISTORY_CAP = 5000          # entries kept per room (oldest dropped)
 QUESTION_TTL = 2 * 86400    # Q&A of a lesson is kept two days in the store (the jsonl log keeps it for good)
+ATTENDANCE_SAVE_INTERVAL = 15.0  # in-process store: seconds between attendance writes to disk
 PRESENCE_STALE = 15.0       # a node's presence entry older than this is ignored (node gone)
+REDIS_CONNECTIONS = 64     # per node
 GLOBAL_ROOM = "*"           # events for every room (token revocations)
 
 
@@ -248,6 +250,8 @@ class InProcessState(State):
         self._attendance: dict[str, dict[str, dict[str, dict]]] = {}
         self._attendance_seen: dict[str, dict[str, float]] = {}
         self._attendance_dir = base / "attendance" if base else None
+        self._attendance_dirty: set[str] = set()
+        self._attendance_saved_at = 0.0
 
     def _load(self, name: str) -> dict:
         f = self._files[name]
@@ -387,9 +391,28 @@ class InProcessState(State):
     async def put_attendance(self, lesson: str, node: str, records: dict[str, dict], seen: float) -> None:
         self._attendance.setdefault(lesson, {}).setdefault(node, {}).update(records)
         self._attendance_seen.setdefault(lesson, {})[node] = seen
-        if self._attendance_dir is not None and records:
+        if records:
+            self._attendance_dirty.add(lesson)
+        self._persist_attendance()
+
+    def _persist_attendance(self, force: bool = False) -> None:
+        """Write changed lessons' attendance to disk, each at most every ATTENDANCE_SAVE_INTERVAL
+        (a 5,000-student lesson is a large document: rewriting it on every join would cost more
+        than the lesson's events) — and all of them on close."""
+        if self._attendance_dir is None:
+            self._attendance_dirty.clear()
+            return
+        now = time.monotonic()
+        if not force and now - self._attendance_saved_at < ATTENDANCE_SAVE_INTERVAL:
+            return
+        self._attendance_saved_at = now
+        for lesson in list(self._attendance_dirty):
             _JsonFile(self._attendance_dir / f"{_file_safe(lesson)}.json", {}).save(
                 {"lesson": lesson, "nodes": self._attendance[lesson], "seen": self._attendance_seen[lesson]})
+        self._attendance_dirty.clear()
+
+    async def close(self) -> None:
+        self._persist_attendance(force=True)
 
     async def attendance(self, lesson: str) -> tuple[dict[str, dict[str, dict]], dict[str, float]]:
         if lesson not in self._attendance and self._attendance_dir is not None:
@@ -453,7 +476,11 @@ class RedisState(State):
 
         self.url = url
         self.prefix = prefix
-        self.redis = aioredis.from_url(url, decode_responses=True, health_check_interval=15)
+        # A blocking pool: a join burst (thousands of students in a few seconds) waits for a
+        # free connection instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=REDIS_CONNECTIONS, timeout=20,
+                                                        decode_responses=True, health_check_interval=15)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._listener: Optional[asyncio.Task[None]] = None
         self._subscribed = asyncio.Event()
 
