@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .rooms import RoomRegistry
@@ -59,14 +59,18 @@ class SkyclassCollector:
         up = GaugeMetricFamily("skyclass_worker_up", "1 if the fan-out worker is running", labels=["worker"])
         wv = GaugeMetricFamily("skyclass_worker_viewers", "viewers held by each fan-out worker", labels=["worker"])
         restarts = CounterMetricFamily("skyclass_worker_restarts", "fan-out worker restarts", labels=["worker"])
+        cpu = CounterMetricFamily("skyclass_worker_cpu_seconds", "CPU time of each fan-out worker process",
+                                  labels=["worker"])
         for w in workers:
             label = [str(w["worker"])]
             up.add_metric(label, 1 if w["up"] else 0)
             wv.add_metric(label, w["viewers"])
             restarts.add_metric(label, w["restarts"])
+            cpu.add_metric(label, w["counters"].get("cpu_seconds", 0.0))
         yield up
         yield wv
         yield restarts
+        yield cpu
         for key, (name, help_text) in _COUNTERS.items():
             family = CounterMetricFamily(name.replace("skyclass_", "skyclass_worker_", 1), help_text + " per worker",
                                          labels=["worker"])
@@ -78,6 +82,8 @@ class SkyclassCollector:
 def make_registry(rooms: RoomRegistry, pool: Callable[[], Optional[object]] = lambda: None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SkyclassCollector(rooms, pool))  # type: ignore[arg-type]
+    # process_cpu_seconds_total & co. of the front; workers' CPU is skyclass_worker_cpu_seconds.
+    ProcessCollector(registry=registry)
     return registry
 
 

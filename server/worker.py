@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -77,6 +78,7 @@ async def status(request: web.Request) -> web.Response:
     counters = registry.counters.as_dict()
     counters["relay_received"] = edge.received
     counters["relay_nacks_sent"] = edge.nacks_sent
+    counters["cpu_seconds"] = time.process_time()
     return web.json_response({
         "pid": os.getpid(),
         "viewers": list(registry.sessions),

@@ -114,6 +114,29 @@ async def test_killed_worker_loses_only_its_students(fresh_server) -> None:
         await teacher.close()
 
 
+async def test_metrics_report_each_process(server) -> None:
+    """Ops see the front's CPU and each worker's: CPU per student is a sum over processes."""
+    values: dict[str, float] = {}
+
+    async def scraped() -> bool:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/metrics") as resp:
+                text = await resp.text()
+        values.clear()
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        # the front learns workers' figures from their status every half second
+        return values.get('skyclass_worker_cpu_seconds_total{worker="1"}', 0) > 0
+
+    assert await wait_for(scraped, 5)
+    assert values["process_cpu_seconds_total"] > 0
+    workers = {k: v for k, v in values.items() if k.startswith("skyclass_worker_cpu_seconds_total{")}
+    assert len(workers) == 2 and all(v > 0 for v in workers.values()), workers
+    assert values['skyclass_worker_up{worker="0"}'] == 1 and values['skyclass_worker_up{worker="1"}'] == 1
+
+
 async def test_single_process_mode_still_serves_students(tmp_path) -> None:
     server = ServerProcess(tmp_path / "server", ["--workers", "0"])
     room = "single"
