@@ -277,15 +277,20 @@ class Classroom:
             await self.registry.close_session(session, reason="floor taken")
 
     # admission -------------------------------------------------------------------------
-    async def admission_refusal(self, room: str, claims: Claims, what: str) -> Optional[str]:
+    async def admission_refusal(self, room: str, claims: Claims, what: str,
+                                banned: Optional[bool] = None) -> Optional[str]:
         """Why ``claims`` may not join ``room`` now (what: "whip" | "whep" | "ws"), or None.
 
         Timetabled rooms are closed outside their window (staff may still open the
         websocket, e.g. to read the Q&A after the lesson); a student with a token for every
-        room must belong to the lesson's audience; a kicked student stays out.
+        room must belong to the lesson's audience; a kicked student stays out. ``banned``:
+        already looked up by the caller.
         """
-        if claims.role == "student" and await self.state.is_banned(room, claims.name):
-            return "you were removed from this lesson by the teacher"
+        if claims.role == "student":
+            if banned is None:
+                banned = await self.state.is_banned(room, claims.name)
+            if banned:
+                return "you were removed from this lesson by the teacher"
         if what == "ws" and claims.role in STAFF_ROLES:
             return None
         reason = await self.timetable.closed_reason(room)
@@ -323,14 +328,15 @@ class Classroom:
         """What a (late) joiner needs: lesson, live state, floor, presence, recent history."""
         room, scope = client.room, client.scope
         since = lesson.opens if lesson is not None else time.time() - 12 * 3600
-        entries = await self.state.history(room, since=since, limit=HISTORY_ON_JOIN * (3 if client.staff else 1))
+        snap = await self.state.room_snapshot(room, scope, since, HISTORY_ON_JOIN * (3 if client.staff else 1))
+        entries = snap["history"]
         visible = [e for e in entries if client.staff or e.get("to", "all") == "all" or e.get("name") == client.name]
-        questions = await self.state.questions(scope)
+        questions = snap["questions"]
         if not client.staff:
             questions = [q for q in questions if q.get("answered") or q.get("name") == client.name]
-        floor = await self.state.floor(room)
+        floor = snap["floor"]
         self._floor_cache[room] = floor.get("holder") if floor else None
-        hands = await self.state.hands(room)
+        hands = snap["hands"]
         local = self.rooms.get(room)
         msg: dict[str, Any] = {
             "type": "welcome",
@@ -340,7 +346,7 @@ class Classroom:
             "lesson": lesson.to_json() if lesson is not None else None,
             "scope": scope,
             "kind": kind,
-            "live": await self.state.live(room),
+            "live": snap["live"],
             "floor": floor,
             "presence": local.presence if local is not None else None,
             "history": visible[-HISTORY_ON_JOIN:],

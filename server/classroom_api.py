@@ -9,7 +9,8 @@ attendance into the aiohttp app.
 | ``GET/PUT/PATCH/DELETE /api/lessons/{id}`` | read: any token that sees it; write: ops, the lesson's teacher |
 | ``POST /api/lessons/{id}/tokens`` ``{"role", "name"}`` | ops (any role); the lesson's teacher (student/assistant) |
 | ``GET /api/lessons/{id}/attendance[?format=csv]`` | ops; teacher/assistant of the lesson's room |
-| ``GET /api/rooms/{room}/history?since=&until=`` | any token for the room (students: public entries and their own) |
+| ``GET /api/rooms/{room}/history?since=&until=`` | any token for the room (students: public entries and their own); no token: public entries |
+| ``GET /api/recordings/{id}/history`` | anyone (like the recordings): a recorded lesson's public chat and Q&A, ``offset`` into the video |
 | ``GET /api/rooms/{room}/classroom`` | any token for the room: lesson, live, floor, presence, node |
 | ``POST /api/rooms/{room}/kick`` ``{"name"}`` | moderators of the room |
 | ``POST /api/tokens/revoke`` ``{"token"}`` or ``{"jti", "until"}`` | moderators (own room's tokens); ops (any) |
@@ -125,6 +126,7 @@ class ClassroomApi:
 
     async def list_timetable(self, request: web.Request) -> web.Response:
         claims = authenticate(request)
+        await self.timetable.refresh(force=True)  # a listing shows edits made a moment ago elsewhere
         day = _parse_day(request.query.get("date", "today"))
         lessons = await (self.timetable.on_day(day) if day is not None else self.timetable.all())
         room = request.query.get("room")
@@ -182,6 +184,7 @@ class ClassroomApi:
 
     async def _get_lesson(self, request: web.Request) -> tuple[Claims, Lesson]:
         claims = authenticate(request)
+        await self.timetable.refresh(force=True)
         lesson = await self.timetable.get(request.match_info["id"])
         if lesson is None or not self._sees(claims, lesson):
             raise HttpError(404, "not found", f"no lesson {request.match_info['id']!r}")
@@ -287,21 +290,43 @@ class ClassroomApi:
         return claims
 
     async def history(self, request: web.Request) -> web.Response:
+        """A room's chat and Q&A between ``since`` and ``until``. Without a token: the public
+        entries only (what every student saw: public chat, answered questions, the floor), as
+        for the recordings, which are public too — so a replay page can show them."""
         room = request.match_info["room"]
-        claims = self._room_claims(request, room)
+        has_token = bool(request.headers.get("Authorization") or request.query.get("token"))
+        claims = self._room_claims(request, room) if has_token else None
         since = _float(request, "since", 0.0)
         until = _float(request, "until", time.time() + 60)
-        limit = int(_float(request, "limit", 2000))
-        limit = max(1, min(limit, 5000))
+        limit = max(1, min(int(_float(request, "limit", 2000)), 5000))
+        entries = await self._history(room, since, until, limit)
+        staff = claims is not None and claims.role in STAFF_ROLES
+        name = claims.name if claims is not None else None
+        entries = [e for e in entries if staff or e.get("to", "all") == "all" or e.get("name") == name]
+        return web.json_response({"room": room, "since": since, "until": until, "entries": entries[-limit:]})
+
+    async def _history(self, room: str, since: float, until: float, limit: int) -> list[dict]:
         stored = await self.classroom.state.history(room, since, until, limit)
         logged = await asyncio.get_running_loop().run_in_executor(
             None, self.classroom.history_log.read, room, since, until, limit)
         merged = {e["id"]: e for e in logged}
         merged.update({e["id"]: e for e in stored})
-        entries = sorted(merged.values(), key=lambda e: e["ts"])
-        staff = claims.role in STAFF_ROLES
-        entries = [e for e in entries if staff or e.get("to", "all") == "all" or e.get("name") == claims.name]
-        return web.json_response({"room": room, "since": since, "until": until, "entries": entries[-limit:]})
+        return sorted(merged.values(), key=lambda e: e["ts"])
+
+    async def recording_history(self, request: web.Request) -> web.Response:
+        """``GET /api/recordings/{id}/history``: the public chat and Q&A of a recorded lesson,
+        with ``offset`` (seconds into the recording) on each entry, for the replay page."""
+        lookup: Optional[Callable[[str], Awaitable[Optional[Any]]]] = self.app.get("recording_info")
+        info = await lookup(request.match_info["id"]) if lookup is not None else None
+        if info is None:
+            raise HttpError(404, "not found", f"no recording {request.match_info['id']!r}")
+        start = float(info.started_at)
+        end = float(info.ended_at) if getattr(info, "ended_at", None) else time.time()
+        entries = [e for e in await self._history(info.room, start - 60, end + 60, 5000) if e.get("to", "all") == "all"]
+        for entry in entries:
+            entry["offset"] = round(float(entry["ts"]) - start, 3)
+        return web.json_response({"recording": request.match_info["id"], "room": info.room, "started_at": start,
+                                  "ended_at": end, "entries": entries})
 
     async def snapshot(self, request: web.Request) -> web.Response:
         room = request.match_info["room"]
@@ -377,6 +402,7 @@ class ClassroomApi:
         app.router.add_post("/api/rooms/{room}/kick", self.kick)
         app.router.add_post("/api/tokens/revoke", self.revoke)
         app.router.add_post("/api/recordings/{id}/watch", self.watch)
+        app.router.add_get("/api/recordings/{id}/history", self.recording_history)
 
 
 def node_id_for(config: Any) -> str:
@@ -437,16 +463,22 @@ def _wire_recorder(app: web.Application, timetable: Timetable) -> None:
             return None
         return {"grade": lesson.grade, "subject": lesson.subject, "title": lesson.label, "lesson": lesson.id}
 
+    async def recording_info(recording_id: str) -> Optional[Any]:
+        return await manager.store.get(recording_id)
+
     async def recording_lesson(recording_id: str) -> Optional[str]:
         info = await manager.store.get(recording_id)
         if info is None:
             return None
+        if getattr(info, "lesson", None):
+            return str(info.lesson)
         lesson = await timetable.lesson_at(info.room, info.started_at)
         return scope_for(info.room, lesson, info.started_at)
 
     if getattr(manager, "describe", None) is None:
         manager.describe = describe
     app["recording_lesson"] = recording_lesson
+    app["recording_info"] = recording_info
 
 
 __all__ = ["setup", "ClassroomApi", "ClassroomError"]

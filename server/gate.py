@@ -46,12 +46,17 @@ async def gate_middleware(request: web.Request,
     except TokenError:
         return await handler(request)
     classroom = request.app["classroom"]
-    if claims.jti and await classroom.state.is_revoked(claims.jti):
-        raise HttpError(401, "unauthorized", "token revoked", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     match = _JOIN.match(request.path)
-    if match and ((match.group(1) == "ws" and request.method == "GET") or request.method == "POST"):
+    joining = bool(match) and ((match.group(1) == "ws" and request.method == "GET") or request.method == "POST")
+    if joining:
         what, room = match.group(1), match.group(2)
-        reason = await classroom.admission_refusal(room, claims, what)
+        revoked, banned = await classroom.state.revoked_or_banned(claims.jti, room, claims.name)
+    else:
+        revoked, banned = bool(claims.jti) and await classroom.state.is_revoked(claims.jti), False
+    if revoked:
+        raise HttpError(401, "unauthorized", "token revoked", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    if joining:
+        reason = await classroom.admission_refusal(room, claims, what, banned=banned)
         if reason is not None:
             logger.info("room=%s %s %s refused: %s", room, what, claims.name, reason)
             raise HttpError(403, "forbidden", reason)

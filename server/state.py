@@ -173,6 +173,16 @@ class State(ABC):
     @abstractmethod
     async def ban(self, room: str, name: str, until: float) -> None: ...
 
+    async def revoked_or_banned(self, jti: str, room: str, name: str) -> tuple[bool, bool]:
+        """(token revoked, ``name`` banned from ``room``) in one go: checked on every join."""
+        return (bool(jti) and await self.is_revoked(jti)), await self.is_banned(room, name)
+
+    async def room_snapshot(self, room: str, scope: str, since: float, limit: int) -> dict:
+        """What a joiner's welcome needs, in one go: history, questions, floor, hands, live."""
+        return {"history": await self.history(room, since=since, limit=limit),
+                "questions": await self.questions(scope), "floor": await self.floor(room),
+                "hands": await self.hands(room), "live": await self.live(room)}
+
     @abstractmethod
     async def is_banned(self, room: str, name: str) -> bool: ...
 
@@ -698,6 +708,29 @@ class RedisState(State):
 
     async def is_banned(self, room: str, name: str) -> bool:
         return bool(await self.redis.exists(self.k("ban", room, name)))
+
+    async def revoked_or_banned(self, jti: str, room: str, name: str) -> tuple[bool, bool]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.k("revoked", jti or "-"))
+            pipe.exists(self.k("ban", room, name))
+            revoked, banned = await pipe.execute()
+        return bool(jti) and bool(revoked), bool(banned)
+
+    async def room_snapshot(self, room: str, scope: str, since: float, limit: int) -> dict:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrevrangebyscore(self.k("hist", room), "+inf", repr(since), start=0, num=limit)
+            pipe.hgetall(self.k("q", scope))
+            pipe.get(self.k("floor", room))
+            pipe.hgetall(self.k("hands", room))
+            pipe.get(self.k("live", room))
+            history, questions, floor, hands, live = await pipe.execute()
+        return {
+            "history": [json.loads(v) for v in reversed(history)],
+            "questions": sorted((json.loads(v) for v in questions.values()), key=lambda q: q["ts"]),
+            "floor": json.loads(floor) if floor else None,
+            "hands": [{"name": n, "ts": float(t)} for n, t in sorted(hands.items(), key=lambda x: float(x[1]))],
+            "live": json.loads(live) if live else None,
+        }
 
 
 def make_state(node_id: str, redis_url: Optional[str], data: Optional[Path]) -> State:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Optional
 from .state import State
 from .tokens import Claims
 
+VERSION_CHECK_INTERVAL = 1.0  # seconds: how stale another node's (or the CLI's) edit may look here
 OPEN_BEFORE = 10 * 60
 CLOSE_AFTER = 15 * 60
 KINDS = ("lesson", "qa", "tutoring")
@@ -249,10 +250,17 @@ class Timetable:
     def __init__(self, state: State) -> None:
         self.state = state
         self._version: Optional[str] = None
+        self._checked_at = float("-inf")
         self._lessons: dict[str, Lesson] = {}
         self._by_room: dict[str, list[Lesson]] = {}
 
-    async def refresh(self) -> None:
+    async def refresh(self, force: bool = False) -> None:
+        """Reload when the store's version changed; the version itself is read at most every
+        VERSION_CHECK_INTERVAL (a join burst would otherwise read it several times per student)."""
+        now = time.monotonic()
+        if not force and now - self._checked_at < VERSION_CHECK_INTERVAL:
+            return
+        self._checked_at = now
         version = await self.state.timetable_version()
         if version == self._version:
             return
@@ -319,14 +327,15 @@ class Timetable:
 
     async def save(self, lessons: list[Lesson], replace: bool = False) -> None:
         """Store lessons (upsert by id) after checking they do not collide with the rest."""
+        await self.refresh(force=True)
         existing = [] if replace else [l for l in await self.all() if l.id not in {x.id for x in lessons}]
         check_overlaps(existing + lessons)
         await self.state.put_lessons([l.to_json() for l in lessons], replace=replace)
-        await self.refresh()
+        await self.refresh(force=True)
 
     async def delete(self, lesson_id: str) -> bool:
         removed = await self.state.delete_lesson(lesson_id)
-        await self.refresh()
+        await self.refresh(force=True)
         return removed
 
 

@@ -506,14 +506,31 @@ async def test_attendance_and_lesson_events(cls_server: ServerProcess) -> None:
         await asyncio.wait_for(teacher_pub.connected.wait(), 15)
         live = await observer.next("lesson", where=lambda m: m["state"] == "live")
         assert live["teacher"] == "T"
+        await ann.send(type="chat", text="during the lesson")
+        await observer.next("chat")
         await asyncio.sleep(1.2)
         await ann.close()
         await teacher_pub.close()  # DELETE: the teacher ends the lesson
         ended = await observer.next("lesson", where=lambda m: m["state"] == "ended")
         assert "ended the lesson" in ended["reason"]
         status, body = await api("POST", f"{url}/api/recordings/rec-{room}/watch", tok("student", room, "Cy"),
-                                 {"seconds": 42, "lesson": lesson_id})
-        assert status == 200 and body["seconds"] == 42
+                                 {"seconds": 30, "lesson": lesson_id})
+        assert status == 200 and body["seconds"] == 30
+
+        # The recording of the lesson: its public Q&A for the replay page, and replay pings that
+        # find the lesson from the recording id alone.
+        status, listing = await api("GET", f"{url}/api/recordings?room={room}")
+        assert status == 200 and len(listing["recordings"]) == 1, listing
+        recording_id = listing["recordings"][0]["id"]
+        status, body = await api("GET", f"{url}/api/recordings/{recording_id}/history")
+        assert status == 200, body
+        chat = [e for e in body["entries"] if e["type"] == "chat"]
+        assert [e["text"] for e in chat] == ["during the lesson"] and chat[0]["offset"] >= 0
+        status, body = await api("POST", f"{url}/api/recordings/{recording_id}/watch", tok("student", room, "Cy"),
+                                 {"seconds": 12})
+        assert status == 200 and body["lesson"] == lesson_id and body["seconds"] == 42
+        status, body = await api("GET", f"{url}/api/rooms/{room}/history")  # no token: public entries
+        assert status == 200 and {e.get("to") for e in body["entries"]} == {"all"}
         assert (await api("POST", f"{url}/api/recordings/x/watch", tok("student", room, "Cy"),
                           {"seconds": 9999}))[0] == 400
 

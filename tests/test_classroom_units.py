@@ -198,3 +198,20 @@ def test_rate_limit_bucket() -> None:
     assert [bucket.take(100.0) for _ in range(3)] == [0, 0, 0]
     assert bucket.take(100.0) == pytest.approx(2.0)
     assert bucket.take(102.0) == 0
+
+
+async def test_join_lookups_in_one_go(store: State) -> None:
+    """The batched reads a join makes agree with the single ones."""
+    await store.append_history("r", {"id": "h1", "ts": 10.0, "text": "x"})
+    await store.put_question("L", {"id": "q1", "ts": 1.0})
+    await store.swap_floor("r", {"holder": "ann"})
+    await store.set_hand("r", "bob", True)
+    await store.set_live("r", {"teacher": "T"})
+    snap = await store.room_snapshot("r", "L", since=0, limit=10)
+    assert [e["id"] for e in snap["history"]] == ["h1"] and [q["id"] for q in snap["questions"]] == ["q1"]
+    assert snap["floor"]["holder"] == "ann" and [h["name"] for h in snap["hands"]] == ["bob"]
+    assert snap["live"] == {"teacher": "T"}
+    await store.revoke("j", time.time() + 60)
+    await store.ban("r", "bob", time.time() + 60)
+    assert await store.revoked_or_banned("j", "r", "bob") == (True, True)
+    assert await store.revoked_or_banned("", "r", "ann") == (False, False)
