@@ -194,9 +194,10 @@ class Classroom:
         delivered (to the history log) until :meth:`drain`."""
         for task in self._tasks[1:] + list(self._home_tasks.values()):
             task.cancel()
-        for room in list(self.rooms.values()):
-            for client in list(room.clients):
-                await client.ws.close(code=1001, message=b"server shutting down")
+        clients = [c for room in self.rooms.values() for c in room.clients]
+        if clients:  # all at once: each close waits for the peer's answer
+            await asyncio.wait([asyncio.ensure_future(c.ws.close(code=1001, message=b"server shutting down"))
+                                for c in clients], timeout=3.0)
         for room in list(self.rooms):
             try:
                 await self.state.put_presence(room, self.node_id, None)
