@@ -47,7 +47,7 @@ class ServerProcess:
         data.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "skyclass.server.cli", "serve", "--host", "127.0.0.1",
                 "--port", str(self.port), "--data", str(data), "--secret", SECRET,
-                "--ice-address", "127.0.0.1", "--peer-timeout", "4", "--workers", "2"] + (extra or [])
+                "--ice-address", "127.0.0.1", "--peer-timeout", "8", "--workers", "2"] + (extra or [])
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         self._wait_ready()

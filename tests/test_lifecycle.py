@@ -152,7 +152,7 @@ async def test_student_leaving_and_vanishing_do_not_disturb_others(server) -> No
         async def gone() -> bool:
             return (await room_state(server, room))["viewers"] == 1
 
-        # The test server runs with --peer-timeout 4: consent checks fail within seconds.
+        # The test server runs with --peer-timeout 8: consent checks fail within about that.
         assert await wait_for(gone, 20), "a vanished student was never cleaned up"
         before = stayer.frames
         await asyncio.sleep(2)
