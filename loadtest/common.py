@@ -221,14 +221,14 @@ class ServerProcess:
     127.0.0.1 only) or the MediaRelay baseline. ``extra`` flags go to ``serve``."""
 
     def __init__(self, kind: str, data: Path, secret: str, extra: Optional[list[str]] = None,
-                 ready_timeout: float = 30.0) -> None:
+                 ready_timeout: float = 30.0, log_level: str = "INFO") -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.secret = secret
         data.mkdir(parents=True, exist_ok=True)
         if kind == "skyclass":
-            args = [sys.executable, "-m", "skyclass.server.cli", "serve", "--host", "127.0.0.1",
+            args = [sys.executable, "-m", "skyclass.server.cli", "--log-level", log_level, "serve", "--host", "127.0.0.1",
                     "--port", str(self.port), "--data", str(data), "--secret", secret,
                     "--ice-address", "127.0.0.1"] + list(extra or [])
         else:

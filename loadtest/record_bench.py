@@ -40,7 +40,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from skyclass.media import aiortc_glue
 from skyclass.server.tokens import issue_token
 
 from .clients import PeerSession, publish, watch
+from .common import ServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -311,35 +311,11 @@ async def hammer(urls: list[str], seconds: float, concurrency: int) -> dict[str,
 
 # --- the run --------------------------------------------------------------------------------
 
-class Server:
-    def __init__(self, data: Path, workers: int) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data / "server.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "skyclass.server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--data", str(data), "--secret", SECRET, "--ice-address", "127.0.0.1", "--workers", str(workers),
-             "--no-record", "bench-live*"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wait_http(self.url + "/healthz")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 async def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     aiortc_glue.restrict_host_addresses(["127.0.0.1"])
     units, opus = encode_clip(), encode_opus()
     clip_kbps = sum(len(u) for u, _ in units) * 8 / (len(units) / 30) / 1000
-    server = Server(data, args.workers)
+    server = ServerProcess("skyclass", data, SECRET, extra=["--workers", str(args.workers), "--no-record", "bench-live*"])
     results: dict[str, Any] = {"clip_video_kbps": round(clip_kbps), "students": args.students,
                                "window_s": args.window, "workers": args.workers}
     try:

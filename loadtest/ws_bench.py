@@ -41,12 +41,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from .common import ServerProcess
 
 TARGET_P95_MS = 200.0
 TARGET_CPU_PCT = 10.0
@@ -323,40 +324,6 @@ def percentile(values: list[float], p: float) -> Optional[float]:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-class Server:
-    def __init__(self, data: Path, secret: str, redis_url: Optional[str], log_level: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data / "server.log"
-        args = [sys.executable, "-m", "skyclass.server.cli", "--log-level", log_level, "serve",
-                "--host", "127.0.0.1", "--port", str(self.port), "--data", str(data), f"--secret={secret}",
-                "--workers", "0", "--ice-address", "127.0.0.1", "--node-id", "bench"]
-        if redis_url:
-            args += ["--redis", redis_url]
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 class RedisServer:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
@@ -391,14 +358,14 @@ def _split(names: list[str], parts: int) -> list[list[str]]:
     return [names[i::parts] for i in range(parts)]
 
 
-def _server_cpu_window(server: Server, seconds: float) -> tuple[float, float]:
+def _server_cpu_window(server: ServerProcess, seconds: float) -> tuple[float, float]:
     """(server CPU seconds, wall seconds) over a window of ``seconds``."""
     c0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
     time.sleep(seconds)
     return cpu_seconds(server.proc.pid) - c0, time.monotonic() - t0
 
 
-def run_latency(server: Server, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace) -> dict:
+def run_latency(server: ServerProcess, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace) -> dict:
     room = f"bench-qa-{secrets.token_hex(2)}"
     teacher.call("teacher", room=room, name="Teacher")
     students = [f"s{i}" for i in range(args.clients - 1)]
@@ -434,7 +401,7 @@ def run_latency(server: Server, procs: list[ClientProc], teacher: ClientProc, ar
     }
 
 
-def run_lesson(server: Server, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace,
+def run_lesson(server: ServerProcess, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace,
                secret: str) -> dict:
     from skyclass.server.tokens import issue_token
 
@@ -468,7 +435,7 @@ def run_lesson(server: Server, procs: list[ClientProc], teacher: ClientProc, arg
     return result
 
 
-def _lesson_window(server: Server, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace,
+def _lesson_window(server: ServerProcess, procs: list[ClientProc], teacher: ClientProc, args: argparse.Namespace,
                    room: str, connected: int, broadcast_chat: bool) -> dict:
     """One measured window: churn in every client process, and either the students' chat
     (spread over the client processes) or the teacher's chat to everyone, at ``--chat-rate``."""
@@ -520,7 +487,8 @@ def run(args: argparse.Namespace) -> dict:
     secret = secrets.token_urlsafe(32)
     base = Path(tempfile.mkdtemp(prefix="ws-bench-"))
     redis = RedisServer() if args.store == "redis" else None
-    server = Server(base, secret, redis.url if redis else None, args.log_level)
+    server = ServerProcess("skyclass", base, secret, log_level=args.log_level,
+                           extra=["--workers", "0", "--node-id", "bench"] + (["--redis", redis.url] if redis else []))
     procs = [ClientProc(server.url, secret) for _ in range(args.procs)]
     teacher = ClientProc(server.url, secret)
     results: dict[str, Any] = {"benchmark": "ws_bench", "store": args.store, "procs": args.procs,
