@@ -358,8 +358,14 @@ async def run(args: argparse.Namespace, data: Path) -> dict[str, Any]:
                         vod_after = time.monotonic() - ended
                         break
                 await asyncio.sleep(0.01)
-            async with http.get(f"{server.url}/api/recordings/{rec['id']}") as resp:
-                rec = await resp.json()
+            # the catalogue entry is finalised just after the playlist's ENDLIST is written
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(f"{server.url}/api/recordings/{rec['id']}") as resp:
+                    rec = await resp.json()
+                if rec["state"] != "recording" or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
         results["replay"] = {"vod_after_end_s": None if vod_after is None else round(vod_after, 3),
                              "delete_s": round(delete_done, 3), "duration_s": rec["duration"],
                              "segments": rec["segments"], "size_bytes": rec["size"], "state": rec["state"]}

@@ -36,6 +36,11 @@ def require_binary(path: str) -> None:
         pytest.skip(f"{path} not installed")
 
 
+# Generous for a loaded 2-core CI machine whose consent replies come late; tests that wait
+# for a vanished peer to be dropped derive their bounds from it.
+PEER_TIMEOUT = 8
+
+
 class ServerProcess:
     """``skyclass serve`` in a subprocess, media on 127.0.0.1 only."""
 
@@ -47,7 +52,7 @@ class ServerProcess:
         data.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "skyclass.server.cli", "serve", "--host", "127.0.0.1",
                 "--port", str(self.port), "--data", str(data), "--secret", SECRET,
-                "--ice-address", "127.0.0.1", "--peer-timeout", "8", "--workers", "2"] + (extra or [])
+                "--ice-address", "127.0.0.1", "--peer-timeout", str(PEER_TIMEOUT), "--workers", "2"] + (extra or [])
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         self._wait_ready()
