@@ -10,6 +10,9 @@ its RTCP sender reports (the same NTP clock for audio and video, hence lip sync)
 publisher session is then placed on the recording's timeline. A teacher who reconnects
 (new session, maybe a new Router) continues the same recording a moment after the last
 media; an outage longer than ``MAX_GAP`` is cut out rather than recorded as dead air.
+
+A student given the floor is tapped too (the speaker audio slot) and mixed into the
+teacher's audio by :mod:`.mixer`, on the writer thread, only while they speak.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from skyclass.media.router import TrackStream
 
 from .catalogue import MemoryStore, RecordingInfo, RecordingStore, classify_room, save_meta
 from .depacketize import Unwrapper, depacketizer_for
+from .mixer import SpeakerMixer
 from .writer import SegmentWriter, WriterStats
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ SR_TOLERANCE = 0.03  # re-anchor a track when a sender report disagrees by more 
 MAX_GAP = 1.0  # a silence longer than this on the timeline is cut out...
 GAP_KEEP = 0.05  # ...down to this
 QUEUE_LIMIT = 10_000  # packets (~50 s of a 1 Mbps lesson) held for a stuck writer before the oldest go
-_RTP, _SR, _ATTACH, _DETACH = 0, 1, 2, 3
+_RTP, _SR, _ATTACH, _DETACH, _SPEAKER_ON, _SPEAKER_OFF = 0, 1, 2, 3, 4, 5
 
 
 class RoomLike(Protocol):
@@ -80,8 +84,9 @@ def _name_thread(name: str) -> None:
 class _Source:
     """One publisher session: its tracks share one wall clock (the teacher's)."""
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, speaker: bool = False) -> None:
         self.session_id = session_id
+        self.speaker = speaker  # a student with the floor: mixed into the teacher's audio
         self.taps: list["_Tap"] = []
         self.shift: Optional[float] = None  # teacher time → recording timeline
         self.offset: Optional[float] = None  # teacher time minus our monotonic clock
@@ -144,6 +149,9 @@ class Recording:
         self.meta_dirty = False  # set on the loop when the catalogue facts change; saved by the writer
         self._queue: collections.deque = collections.deque(maxlen=QUEUE_LIMIT)
         self._taps: list[_Tap] = []
+        self._speaker_taps: list[_Tap] = []
+        self._mixer = SpeakerMixer(self.log)  # writer thread
+        self._teacher: Optional[_Source] = None  # writer thread: the publisher now attached
         self._keyframe_handle: Optional[asyncio.TimerHandle] = None
         self._wake = threading.Event()
         self._done: asyncio.Future[None] = loop.create_future()
@@ -163,8 +171,7 @@ class Recording:
         self.detach()
         self.session_id = session_id
         source = _Source(session_id)
-        # The teacher's slots only: a student given the floor (speaker slots) is not mixed
-        # into the recording, as that would need decoding and re-encoding.
+        # The teacher's slots; a student given the floor comes through attach_speaker.
         for slot in ("video", "audio"):
             stream = router.streams.get(slot)
             if stream is None:
@@ -198,6 +205,35 @@ class Recording:
             self._keyframe_handle.cancel()
             self._keyframe_handle = None
 
+    def attach_speaker(self, session_id: str, router: Any) -> None:
+        """A student was given the floor: their voice goes into the recording's audio.
+
+        Only audio: a replay has one picture, the teacher's (the speaker's camera is live only)."""
+        self.detach_speaker()
+        stream = router.streams.get("speaker.audio")
+        producer = stream.producer if stream is not None else None
+        if producer is None or producer.peer_id != session_id or (stream.mime_type or "").lower() != "audio/opus":
+            return
+        source = _Source(session_id, speaker=True)
+        tap = _Tap(self._queue, source, stream)
+        source.taps.append(tap)
+        self._speaker_taps = [tap]
+        self._queue.append((_SPEAKER_ON, source, 0, 0, 0, b"", time.monotonic()))
+        stream.add_sink(tap)
+        logger.info("%s recording speaker %s", self.log, session_id)
+
+    def detach_speaker(self, session_id: Optional[str] = None) -> None:
+        """The floor was taken back (``session_id``: only if it is still that speaker's)."""
+        if not self._speaker_taps:
+            return
+        source = self._speaker_taps[0].source
+        if session_id is not None and source.session_id != session_id:
+            return
+        for tap in self._speaker_taps:
+            tap.stream.remove_sink(tap)
+        self._speaker_taps = []
+        self._queue.append((_SPEAKER_OFF, source, 0, 0, 0, b"", time.monotonic()))
+
     def _schedule_keyframes(self) -> None:
         """Ask for a key frame every segment length, so segments can start on one.
 
@@ -224,6 +260,7 @@ class Recording:
         self.finishing = True
         self.cancel_grace()
         self.detach()
+        self.detach_speaker()
         self._wake.set()
         await asyncio.shield(self._done)
 
@@ -277,7 +314,13 @@ class Recording:
                 elif op == _SR:
                     self._on_sr(item[1], item[2], item[3], item[6])
                 elif op == _ATTACH:
+                    self._teacher = item[1]
                     self._writer.expect({t.kind for t in item[1].taps})  # type: ignore[union-attr]
+                elif op == _SPEAKER_ON:
+                    self._mixer.speaker_started()
+                elif op == _SPEAKER_OFF:
+                    self._on_detach(item[1])
+                    self._mixer.speaker_stopped()
                 else:
                     self._on_detach(item[1])
             except Exception:
@@ -287,6 +330,11 @@ class Recording:
         for source in self._sources():
             if not source.ready and source.first_held is not None and now - source.first_held > SR_WAIT:
                 self._release(source)
+        self._write_mixed(self._mixer.release(now))
+
+    def _write_mixed(self, samples: list) -> None:
+        for t, sample in samples:
+            self._writer.add(t, sample)  # type: ignore[union-attr]
 
     def _sources(self) -> list[_Source]:
         return list({id(t.source): t.source for t in self._all_taps.values()}.values())
@@ -336,6 +384,8 @@ class Recording:
 
     # timing: sender reports → teacher time → recording timeline
     def _on_sr(self, tap: _Tap, ntp: int, rtp: int, arrival: float) -> None:
+        if tap.source.speaker:
+            return  # a speaker is timed by arrival (their clock is not the teacher's)
         self._register(tap)
         teacher = ntp / (1 << 32) - NTP_EPOCH_OFFSET
         ext = tap.ts(rtp)
@@ -360,6 +410,11 @@ class Recording:
 
     def _on_sample(self, tap: _Tap, sample, arrival: float) -> None:
         source = tap.source
+        if source.speaker:
+            teacher = self._teacher
+            if teacher is not None and teacher.ready and teacher.offset is not None and teacher.shift is not None:
+                self._mixer.speaker_audio(sample, arrival + teacher.offset + teacher.shift)
+            return
         if not source.ready:
             if source.first_held is None:
                 source.first_held = arrival
@@ -395,7 +450,10 @@ class Recording:
         if self._media_end is None or t > self._media_end:
             self._media_end = t
             self._media_end_arrival = arrival
-        self._writer.add(t, sample)  # type: ignore[union-attr]
+        if sample.kind == "audio":
+            self._write_mixed(self._mixer.teacher_audio(t, sample, arrival))
+        else:
+            self._writer.add(t, sample)  # type: ignore[union-attr]
 
     def _on_detach(self, source: _Source) -> None:
         for tap in source.taps:
@@ -426,6 +484,8 @@ class Recording:
         self._drain()
         for source in self._sources():
             self._on_detach(source)
+        self._mixer.speaker_stopped()
+        self._write_mixed(self._mixer.release(time.monotonic(), everything=True))
         writer = self._writer
         if writer is not None:
             writer.finish()
@@ -441,9 +501,9 @@ class Recording:
         info.state = "complete"
         save_meta(self.directory, info)
         stats = writer.stats
-        logger.info("%s complete: %.1f s, %d segments, %d bytes, %d video frames, %d audio packets, cpu %.2f s",
-                    self.log, stats.duration, stats.segments, stats.size, stats.video_frames,
-                    stats.audio_packets, time.thread_time())
+        logger.info("%s complete: %.1f s, %d segments, %d bytes, %d video frames, %d audio packets "
+                    "(%d mixed with a speaker), cpu %.2f s", self.log, stats.duration, stats.segments, stats.size,
+                    stats.video_frames, stats.audio_packets, self._mixer.mixed_packets, time.thread_time())
 
 
 def new_recording_id(room: str) -> str:
@@ -508,6 +568,8 @@ class RecordingManager:
             logger.info("room=%s recording=%s continues with session %s", room.name, recording.info.id, session.id)
         recording.cancel_grace()
         recording.attach(session.id, room.router)
+        for speaker in getattr(room, "speakers", {}).values():  # the floor was given before the teacher came
+            recording.attach_speaker(speaker.id, room.router)
 
     def publisher_left(self, room: RoomLike, session: SessionLike, ended: bool) -> None:
         recording = self.active.get(room.name)
@@ -537,6 +599,16 @@ class RecordingManager:
                 setattr(info, name, str(facts[name]))
         recording.meta_dirty = True
         await self.store.put(info)
+
+    def speaker_joined(self, room: RoomLike, session: SessionLike) -> None:
+        recording = self.active.get(room.name)
+        if recording is not None:
+            recording.attach_speaker(session.id, room.router)
+
+    def speaker_left(self, room: RoomLike, session: SessionLike) -> None:
+        recording = self.active.get(room.name)
+        if recording is not None:
+            recording.detach_speaker(session.id)
 
     def room_closed(self, room: RoomLike) -> None:
         # The router is gone (its sinks with it); a recording in its grace period waits on.

@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Protocol
+from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from aiortc import RTCPeerConnection
 
@@ -114,7 +114,12 @@ class RoomRegistry:
                 if session is None or not session.producers:
                     continue
                 if min(p.idle_for(now) for p in session.producers) > self.peer_timeout:
-                    await self.close_session(session, reason=f"no media for {self.peer_timeout:.0f}s")
+                    try:
+                        await self.close_session(session, reason=f"no media for {self.peer_timeout:.0f}s")
+                    except Exception:
+                        # One failing close must not end the watchdog: every later lost
+                        # teacher would then stay "live" (and recorded) for ever.
+                        logger.exception("room=%s peer=%s closing a silent publisher failed", room.name, session.id)
 
     def get(self, name: str) -> Optional[Room]:
         return self.rooms.get(name)
@@ -140,17 +145,21 @@ class RoomRegistry:
             if previous is not None and previous is not session:
                 logger.info("room=%s publisher %s replaced by %s", room.name, previous.id, session.id)
                 asyncio.ensure_future(self.close_session(previous, reason="replaced"))
-            for observer in self.observers:
-                observer.publisher_joined(room, session)
+            self._notify("publisher_joined", room, session)
         else:
             room.viewers[session.id] = session
             self._notify("viewer_joined", room, session)
 
-    def _notify(self, hook: str, room: Room, session: Session) -> None:
+    def _notify(self, hook: str, room: Room, session: Session, *args: Any) -> None:
         for observer in self.observers:
             method = getattr(observer, hook, None)
             if method is not None:
-                method(room, session)
+                try:
+                    method(room, session, *args)
+                except Exception:
+                    # An observer (recorder, classroom) that fails must not stop the
+                    # session's own bookkeeping or the other observers.
+                    logger.exception("room=%s peer=%s observer %s failed", room.name, session.id, hook)
 
     async def close_session(self, session: Session, reason: str, ended: bool = False,
                             remote_ended: bool = False) -> None:
@@ -168,8 +177,7 @@ class RoomRegistry:
             if room.publisher is session:
                 # started_at stays: a teacher who reconnects continues the same lesson.
                 room.publisher = None
-                for observer in self.observers:
-                    observer.publisher_left(room, session, ended)
+                self._notify("publisher_left", room, session, ended)
             if room.viewers.pop(session.id, None) is not None:
                 self._notify("viewer_left", room, session)
             if room.speakers.pop(session.id, None) is not None:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import aiohttp
+import av
+import numpy as np
 import pytest
 
-from skyclass.loadtest.clients import SignallingFailed, ToneAudioTrack, publish, watch
+from skyclass.loadtest.clients import IndexedVideoTrack, SignallingFailed, ToneAudioTrack, publish, watch
 from skyclass.server.tokens import issue_token
 
 from classroom_clients import WsClient, presence_where
@@ -392,6 +394,68 @@ async def test_hands_floor_mute_and_speaker_publish(cls_server: ServerProcess) -
             await speaker.pc.close()
         for c in (teacher, ann, bob):
             await c.close()
+
+
+def tone_presence(samples, rate: int, freq: float, window: float = 0.1):
+    """Per ``window`` seconds: True where ``freq`` stands out of the spectrum (a tone is in it)."""
+    n = int(rate * window)
+    out = []
+    for i in range(0, len(samples) - n + 1, n):
+        spectrum = np.abs(np.fft.rfft(samples[i:i + n] * np.hanning(n)))
+        k = int(round(freq * n / rate))
+        peak = spectrum[k - 1:k + 2].max()
+        # the tones are sent at 1/4 of full scale (a Hann-windowed peak of ~n/16); a start-up
+        # click in near silence stands out of the median but not this
+        out.append(peak > n / 100 and peak > 20 * np.median(spectrum))
+    return out
+
+
+async def test_speaker_is_mixed_into_the_recording(cls_server: ServerProcess) -> None:
+    """The replay has one audio track: the student's voice is in it while they had the floor."""
+    url, room = cls_server.url, unique("floor-rec")
+    await make_lesson(cls_server, room, kind="qa", teacher="T")
+    teacher_ws = await WsClient.connect(url, room, tok("teacher", room, "T"))
+    ann_token = tok("student", room, "Ann")
+    ann = await WsClient.connect(url, room, ann_token)
+    teacher = speaker = None
+    try:
+        teacher = await publish(url, room, tok("teacher", room, "T"), [IndexedVideoTrack(), ToneAudioTrack(440)])
+        await asyncio.wait_for(teacher.connected.wait(), 15)
+        await asyncio.sleep(3)
+        await teacher_ws.send(type="floor", action="give", name="Ann")
+        await ann.next("floor")
+        speaker = await publish(url, room, ann_token, [ToneAudioTrack(1500)])
+        await asyncio.wait_for(speaker.connected.wait(), 15)
+        await asyncio.sleep(3)
+        await teacher_ws.send(type="floor", action="take")
+        await teacher_ws.next("speaking", where=lambda m: m["state"] == "off")
+        await asyncio.sleep(3)
+        await teacher.close(delete=True)
+        teacher = None
+        deadline = time.monotonic() + 20
+        recs: list = []
+        while time.monotonic() < deadline:
+            recs = (await api("GET", f"{url}/api/recordings?room={room}"))[1]["recordings"]
+            if recs and recs[0]["state"] == "complete":
+                break
+            await asyncio.sleep(0.2)
+        assert recs and recs[0]["state"] == "complete", recs
+        with av.open(f"{url}{recs[0]['playlist']}") as container:
+            pcm = np.concatenate([f.to_ndarray().mean(axis=0) for f in container.decode(audio=0)])
+    finally:
+        for session in (speaker, teacher):
+            if session is not None:
+                await session.close()
+        await teacher_ws.close()
+        await ann.close()
+    teacher_tone = tone_presence(pcm, 48000, 440)
+    student_tone = tone_presence(pcm, 48000, 1500)
+    assert sum(teacher_tone) >= 0.9 * len(teacher_tone), "the teacher's audio has holes"
+    # about 3 s of the student's tone (~30 windows), in one stretch, neither at the start nor the end
+    first, last = student_tone.index(True), len(student_tone) - 1 - student_tone[::-1].index(True)
+    assert 20 <= sum(student_tone) <= 45, sum(student_tone)
+    assert sum(student_tone[first:last + 1]) >= 0.9 * (last - first + 1), "the speaker's audio has holes"
+    assert first >= 15 and last <= len(student_tone) - 15, (first, last, len(student_tone))
 
 
 async def test_presence_counts_and_names(cls_server: ServerProcess) -> None:
