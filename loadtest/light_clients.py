@@ -37,7 +37,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from skyclass.media import aiortc_glue
 from skyclass.media.rtp import h264_is_keyframe
 
-from .clients import PeerSession, publish, watch
+from .clients import PeerSession, SignallingFailed, publish, watch
 
 logger = logging.getLogger(__name__)
 
@@ -528,6 +528,7 @@ class CountingStudent:
         self.streams: dict[bytes, _Stream] = {}  # by SSRC (4 raw bytes)
         self.video_payload_types: set[int] = set()
         self.posted_at: Optional[float] = None
+        self.refusal: Optional[dict] = None  # status and Retry-After of a refused WHEP POST
         self.answered_at: Optional[float] = None
         self.ice_connected_at: Optional[float] = None
         self.connected_at: Optional[float] = None
@@ -943,6 +944,8 @@ def student_worker_main(conn, worker_id: int) -> None:
                 await asyncio.wait_for(student.session.connected.wait(), timeout)
             except Exception as exc:
                 student.state = f"failed: {exc.__class__.__name__}: {exc}"
+                if isinstance(exc, SignallingFailed):  # a refusal: what admission control said
+                    student.refusal = {"status": exc.status, "retry_after": exc.headers.get("Retry-After")}
 
     async def join(url: str, room: str, students_: list, concurrency: int = 8, timeout: float = 30.0,
                    wait_keyframe: float = 0.0) -> dict:
@@ -962,6 +965,7 @@ def student_worker_main(conn, worker_id: int) -> None:
                 await asyncio.sleep(0.05)
         return {"worker": worker_id, "connected": sum(1 for n, _, _ in students_ if students[n].connected_at),
                 "failed": [students[n].state for n, _, _ in students_ if students[n].connected_at is None],
+                "refused": [students[n].refusal for n, _, _ in students_ if students[n].refusal is not None],
                 "join": {n: students[n].join_times() for n, _, _ in students_}}
 
     lag = {"max": 0.0}
@@ -1024,6 +1028,7 @@ def teacher_main(conn, clip_path: str, fps: int = 30) -> None:
                 for stats in (await sender.getStats()).values():
                     if stats.type == "outbound-rtp":
                         sent += stats.packetsSent
-        return {"time": time.monotonic(), "cpu": process_cpu(), "packets_sent": sent}
+        return {"time": time.monotonic(), "cpu": process_cpu(), "packets_sent": sent,
+                "state": session.pc.connectionState if session is not None else None}
 
     serve_pipe(conn, {"publish": publish_op, "unpublish": unpublish, "cpu": cpu})
