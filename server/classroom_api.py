@@ -124,6 +124,16 @@ class ClassroomApi:
             links["assist"] = f"/watch/{room}?token={self._mint('assistant', room, 'Assistant', lesson.closes)}"
         return links
 
+    async def _replay_link(self, lesson: Lesson, token: str) -> Optional[str]:
+        """The replay page of the lesson's first recording (its beginning; a teacher who comes back
+        within the grace period continues it), with the caller's token so that watch time counts."""
+        find: Optional[Callable[[Lesson], Awaitable[list[Any]]]] = self.app.get("lesson_recordings")
+        recordings = await find(lesson) if find is not None else []
+        if not recordings:
+            return None
+        first = min(recordings, key=lambda info: info.started_at)
+        return f"/replay/{first.id}?token={token}" if token else f"/replay/{first.id}"
+
     async def list_timetable(self, request: web.Request) -> web.Response:
         claims = authenticate(request)
         await self.timetable.refresh(force=True)  # a listing shows edits made a moment ago elsewhere
@@ -139,6 +149,10 @@ class ClassroomApi:
             item = lesson.to_json()
             item["status"] = await self._status(lesson, now)
             item["links"] = self._links(claims, token, lesson, now)
+            if item["status"] != "upcoming" and (claims.role != "student" or lesson.admits_student(claims) is None):
+                replay = await self._replay_link(lesson, token)
+                if replay:
+                    item["links"]["replay"] = replay
             out.append(item)
         return web.json_response({"date": day.isoformat() if day else None, "now": now, "lessons": out,
                                   "you": {"name": claims.name, "role": claims.role, "room": claims.room}})
@@ -475,10 +489,15 @@ def _wire_recorder(app: web.Application, timetable: Timetable) -> None:
         lesson = await timetable.lesson_at(info.room, info.started_at)
         return scope_for(info.room, lesson, info.started_at)
 
+    async def lesson_recordings(lesson: Lesson) -> list[Any]:
+        return [info for info in await manager.store.list(room=lesson.room)
+                if info.lesson == lesson.id or (not info.lesson and lesson.opens <= info.started_at < lesson.closes)]
+
     if getattr(manager, "describe", None) is None:
         manager.describe = describe
     app["recording_lesson"] = recording_lesson
     app["recording_info"] = recording_info
+    app["lesson_recordings"] = lesson_recordings
 
 
 __all__ = ["setup", "ClassroomApi", "ClassroomError"]

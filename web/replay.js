@@ -7,6 +7,13 @@
  * our playlist and appends the segments itself (Chromium, Firefox, Edge; not iOS Safari).
  * While the lesson is still being recorded the playlist is an EVENT one and grows.
  *
+ * Beside the video: the lesson's public Q&A (chat, answered questions, who had the floor) from
+ * GET /api/recordings/{id}/history, each entry at its offset into the recording; clicking one
+ * seeks there and the entries already reached are marked as the video plays. A student who
+ * opened the page with a token (?token= or the one the landing page remembers) has their
+ * watch time counted in the lesson's attendance: POST /api/recordings/{id}/watch with the
+ * seconds actually played, every 30 s and when the page is hidden.
+ *
  * window.skyclassReplay.state() reports what the player is doing (tests, debugging).
  */
 (function () {
@@ -17,7 +24,8 @@
   const statusPill = document.getElementById("status");
   const parts = location.pathname.split("/").filter(Boolean);
   const id = decodeURIComponent(parts[1] || "");
-  const report = { engine: "none", error: null, info: null };
+  const report = { engine: "none", error: null, info: null, qa: [], watch: { sent: 0, pending: 0, errors: 0 } };
+  const TOKEN_STORE = "skyclass.token";  // what the landing page remembers (timetable.js)
 
   function say(text, kind) {
     message.textContent = text || "";
@@ -210,12 +218,117 @@
     report.info = info;
     showInfo(info);
     if (info.state === "recording") say("The lesson is still going on: you are watching it from the beginning.");
+    loadQa(info).catch((err) => console.warn("replay: no Q&A", err));
+    countWatchTime(info);
     if (info.container === "webm") await playWebm(info); else playHls(info);
     const t = startTime();
     if (report.engine !== "hls.js" && (t || info.state === "recording")) {
       video.addEventListener("loadedmetadata", () => { video.currentTime = t; }, { once: true });
     }
     video.addEventListener("error", () => video.error && fail(new Error(`video error ${video.error.code}: ${video.error.message}`)));
+  }
+
+  // ---- the lesson's Q&A beside the video -------------------------------------------------
+
+  function el(tag, props, children) {
+    const node = Object.assign(document.createElement(tag), props || {});
+    if (children) node.append(...children);
+    return node;
+  }
+
+  /** One history entry as the replay shows it, or null for what a replay has no use for. */
+  function describe(entry) {
+    switch (entry.type) {
+      case "chat":
+        return { who: entry.name, text: entry.text, kind: "chat" };
+      case "answered": {
+        const q = entry.question || {};
+        return { who: q.name, text: q.text, answer: q.answer || "answered", kind: "question" };
+      }
+      case "floor":
+        return entry.holder
+          ? { who: entry.holder, text: "was given the floor", kind: "floor" }
+          : { who: entry.taken_from || "", text: "no longer has the floor", kind: "floor" };
+      case "lesson":
+        if (entry.state === "live") return { who: "", text: "The lesson started", kind: "lesson" };
+        if (entry.state === "ended") return { who: "", text: "The lesson ended", kind: "lesson" };
+        return null;
+      default:
+        return null;
+    }
+  }
+
+  async function loadQa(info) {
+    const panel = document.getElementById("qa");
+    const list = document.getElementById("qa-list");
+    const resp = await fetch(`/api/recordings/${encodeURIComponent(info.id)}/history`, { cache: "no-store" });
+    if (!resp.ok) { panel.dataset.state = "unavailable"; return; }
+    const body = await resp.json();
+    const items = [];
+    for (const entry of body.entries) {
+      const shown = describe(entry);
+      if (!shown) continue;
+      const at = Math.max(0, entry.offset);
+      const jump = el("button", { type: "button", className: "qa-time", textContent: clock(at),
+                                  title: "Play from here" });
+      jump.addEventListener("click", () => { video.currentTime = at; video.play().catch(() => {}); });
+      const parts = [jump];
+      if (shown.who) parts.push(el("strong", { textContent: shown.who }));
+      parts.push(el("span", { className: "qa-text", textContent: shown.text }));
+      if (shown.answer) parts.push(el("span", { className: "qa-answer", textContent: `Answer: ${shown.answer}` }));
+      const item = el("li", { className: `qa-${shown.kind}` }, parts);
+      item.dataset.offset = String(at);
+      items.push(item);
+      report.qa.push({ offset: at, kind: shown.kind, who: shown.who, text: shown.text, answer: shown.answer || null });
+    }
+    list.replaceChildren(...items);
+    panel.dataset.state = items.length ? "ready" : "empty";
+    document.getElementById("qa-empty").classList.toggle("hidden", items.length > 0);
+    const mark = () => {
+      for (const item of items) item.classList.toggle("qa-past", parseFloat(item.dataset.offset) <= video.currentTime);
+    };
+    video.addEventListener("timeupdate", mark);
+    mark();
+  }
+
+  // ---- watch time for the lesson's attendance ---------------------------------------------
+
+  function watchToken() {
+    const fromUrl = new URLSearchParams(location.search).get("token");
+    if (fromUrl) return fromUrl;
+    try { return localStorage.getItem(TOKEN_STORE) || ""; } catch (err) { return ""; }
+  }
+
+  /** Counts the seconds actually played (not paused, not the seek jumps) and reports them. */
+  function countWatchTime(info) {
+    const token = watchToken();
+    if (!token) return;
+    let last = null;
+    video.addEventListener("timeupdate", () => {
+      const now = video.currentTime;
+      if (last !== null && !video.paused && !video.seeking) {
+        const step = now - last;
+        if (step > 0 && step < 2) report.watch.pending += step / (video.playbackRate || 1);
+      }
+      last = now;
+    });
+    video.addEventListener("seeking", () => { last = null; });
+    const flush = (keepalive) => {
+      const seconds = Math.min(300, Math.round(report.watch.pending * 10) / 10);
+      if (seconds < 1) return;
+      report.watch.pending -= seconds;
+      fetch(`/api/recordings/${encodeURIComponent(info.id)}/watch`, {
+        method: "POST", keepalive,
+        headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+        body: JSON.stringify({ seconds }),
+      }).then((resp) => {
+        if (resp.ok) report.watch.sent += seconds; else report.watch.errors += 1;
+      }).catch(() => { report.watch.errors += 1; });
+    };
+    setInterval(() => flush(false), 30000);
+    addEventListener("pagehide", () => flush(true));
+    document.addEventListener("visibilitychange", () => { if (document.visibilityState === "hidden") flush(true); });
+    report.watch.flush = () => flush(false);
   }
 
   window.skyclassReplay = {
@@ -229,8 +342,12 @@
         readyState: video.readyState,
         buffered: [...Array(video.buffered.length).keys()].map((i) => [video.buffered.start(i), video.buffered.end(i)]),
         recording: report.info && report.info.id,
+        qa: report.qa,
+        watch: { sent: report.watch.sent, pending: report.watch.pending, errors: report.watch.errors },
       };
     },
+    /** Report the watch time now instead of at the next 30 s tick (tests, debugging). */
+    flushWatchTime() { if (report.watch.flush) report.watch.flush(); },
   };
 
   main().catch(fail);

@@ -6,7 +6,8 @@
  * token comes from ?token= on this page, or the one remembered in this browser). Students see
  * their audience's lessons with a Watch link; teachers see every lesson and a Teach link for
  * their own rooms; ops also get the teacher's and an assistant's link, and can mint a student
- * link for a name (POST /api/lessons/{id}/tokens).
+ * link for a name (POST /api/lessons/{id}/tokens). A lesson that has been recorded also gets a
+ * Replay link, carrying the token so that the replay's watch time counts in attendance.
  */
 (function () {
   "use strict";
@@ -93,7 +94,7 @@
 
   function row(lesson, role) {
     const links = el("div", { className: "tt-links" });
-    const labels = { teach: "Teach", watch: "Watch", assist: "Assist" };
+    const labels = { teach: "Teach", watch: "Watch", assist: "Assist", replay: "Replay" };
     for (const [kind, href] of Object.entries(lesson.links || {})) {
       links.append(el("a", { href, textContent: labels[kind] || kind, className: "tt-link" }));
     }
