@@ -522,6 +522,9 @@ class RecordingManager:
         self.settings = settings
         self.store: RecordingStore = store if store is not None else MemoryStore()
         self.describe = describe
+        # Called with each recording that ended with media, once its files are final: what
+        # else belongs with it on disk (the classroom adds the lesson's Q&A there).
+        self.finished_hooks: list[Callable[[RecordingInfo, Path], Awaitable[None]]] = []
         self.active: dict[str, Recording] = {}
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -624,8 +627,13 @@ class RecordingManager:
             await recording.finish()
             if recording.info.state == "empty":
                 await self.store.delete(recording.info.id)
-            else:
-                await self.store.put(recording.info)
+                return
+            await self.store.put(recording.info)
+            for hook in self.finished_hooks:
+                try:
+                    await hook(recording.info, recording.directory)
+                except Exception:
+                    logger.exception("%s finished hook %r failed", recording.log, hook)
 
         task = asyncio.ensure_future(run())
         self._finishing.add(task)

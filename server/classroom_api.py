@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from datetime import date as Date
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 import jwt
@@ -35,7 +36,7 @@ from .classroom import STAFF_ROLES, Classroom, ClassroomError
 from .errors import HttpError
 from .events import ws_handler
 from .gate import gate_middleware
-from .history import HistoryLog
+from .history import HistoryLog, read_recording_history, write_recording_history
 from .state import make_state
 from .timetable import Lesson, Timetable, TimetableError, lesson_from_dict, scope_for
 from .tokens import ALGORITHM, Claims, issue_token
@@ -334,13 +335,26 @@ class ClassroomApi:
         info = await lookup(request.match_info["id"]) if lookup is not None else None
         if info is None:
             raise HttpError(404, "not found", f"no recording {request.match_info['id']!r}")
+        entries = await self.recording_entries(info)
+        directory: Optional[Callable[[str], Path]] = self.app.get("recording_directory")
+        if directory is not None:
+            # The copy kept with the recording outlives the room's log (and travels with the folder).
+            kept = await asyncio.to_thread(read_recording_history, directory(info.id))
+            entries = sorted({**{e["id"]: e for e in kept}, **{e["id"]: e for e in entries}}.values(),
+                             key=lambda e: e["ts"])
         start = float(info.started_at)
-        end = float(info.ended_at) if getattr(info, "ended_at", None) else time.time()
-        entries = [e for e in await self._history(info.room, start - 60, end + 60, 5000) if e.get("to", "all") == "all"]
         for entry in entries:
             entry["offset"] = round(float(entry["ts"]) - start, 3)
+        end = float(info.ended_at) if getattr(info, "ended_at", None) else time.time()
         return web.json_response({"recording": request.match_info["id"], "room": info.room, "started_at": start,
                                   "ended_at": end, "entries": entries})
+
+    async def recording_entries(self, info: Any) -> list[dict]:
+        """A recording's public chat and Q&A: what every student saw from a minute before it
+        began to a minute after it ended."""
+        start = float(info.started_at)
+        end = float(info.ended_at) if getattr(info, "ended_at", None) else time.time()
+        return [e for e in await self._history(info.room, start - 60, end + 60, 5000) if e.get("to", "all") == "all"]
 
     async def snapshot(self, request: web.Request) -> web.Response:
         room = request.match_info["room"]
@@ -436,7 +450,8 @@ def setup(app: web.Application) -> None:
     app["attendance"] = attendance
     app["classroom"] = classroom
     app.middlewares.append(gate_middleware)
-    ClassroomApi(app).add_routes(app)
+    api = ClassroomApi(app)
+    api.add_routes(app)
 
     async def on_startup(app: web.Application) -> None:
         await state.start()
@@ -457,10 +472,10 @@ def setup(app: web.Application) -> None:
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
-    _wire_recorder(app, timetable)
+    _wire_recorder(app, timetable, api)
 
 
-def _wire_recorder(app: web.Application, timetable: Timetable) -> None:
+def _wire_recorder(app: web.Application, timetable: Timetable, api: ClassroomApi) -> None:
     """Let the recorder name recordings after their lesson, and let replay pings find the
     lesson of a recording (for attendance), when the recorder is part of this app."""
     try:
@@ -493,11 +508,18 @@ def _wire_recorder(app: web.Application, timetable: Timetable) -> None:
         return [info for info in await manager.store.list(room=lesson.room)
                 if info.lesson == lesson.id or (not info.lesson and lesson.opens <= info.started_at < lesson.closes)]
 
+    async def keep_history(info: Any, directory: Path) -> None:
+        entries = await api.recording_entries(info)
+        await asyncio.to_thread(write_recording_history, directory, entries)
+        logger.info("room=%s recording=%s: %d Q&A entries kept with it", info.room, info.id, len(entries))
+
     if getattr(manager, "describe", None) is None:
         manager.describe = describe
     app["recording_lesson"] = recording_lesson
     app["recording_info"] = recording_info
     app["lesson_recordings"] = lesson_recordings
+    app["recording_directory"] = lambda recording_id: manager.settings.root / recording_id
+    manager.finished_hooks.append(keep_history)
 
 
 __all__ = ["setup", "ClassroomApi", "ClassroomError"]

@@ -6,6 +6,10 @@ recordings, so a replay page can show the questions beside the video (it asks
 Each line is one entry: ``{"id", "ts", "type", "name", "role", "text", ...}``, ``ts`` in
 epoch seconds. One node writes a room's log (the node where the room lives), so a
 multi-node deployment does not end up with the same line in several files.
+
+When a recording ends, its public entries are also copied into the recording's own folder
+(``RECORDING_HISTORY``), so the Q&A stays with the video when the room's log is pruned or the
+folder is archived or moved to another server.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .state import _file_safe
 logger = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 64
+RECORDING_HISTORY = "history.jsonl"
 
 
 class HistoryLog:
@@ -70,3 +75,32 @@ class HistoryLog:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def write_recording_history(directory: Path, entries: list[dict]) -> None:
+    """Keep ``entries`` with a recording: written whole, then renamed, so a crash leaves the old
+    copy or the new one, never half of one."""
+    if not directory.is_dir():
+        return
+    tmp = directory / (RECORDING_HISTORY + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for entry in entries:
+            f.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
+    tmp.replace(directory / RECORDING_HISTORY)
+
+
+def read_recording_history(directory: Path) -> list[dict]:
+    """The entries kept with a recording; none if it has no copy (still recording, or older)."""
+    path = directory / RECORDING_HISTORY
+    if not path.is_file():
+        return []
+    out: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "id" in entry and "ts" in entry:
+                out.append(entry)
+    return out

@@ -590,6 +590,22 @@ async def test_attendance_and_lesson_events(cls_server: ServerProcess) -> None:
         assert status == 200, body
         chat = [e for e in body["entries"] if e["type"] == "chat"]
         assert [e["text"] for e in chat] == ["during the lesson"] and chat[0]["offset"] >= 0
+        # Once the recording is final its Q&A is kept in its own folder too, so the replay keeps
+        # it when the room's log is gone (pruned, or the folder archived elsewhere).
+        kept = cls_server.data / "recordings" / recording_id / "history.jsonl"
+        for _ in range(100):
+            if kept.exists():
+                break
+            await asyncio.sleep(0.1)
+        assert "during the lesson" in kept.read_text()
+        # The endpoint serves that copy: a line only the folder has (as after the room's log was
+        # pruned) shows up in the replay's Q&A.
+        with kept.open("a") as f:
+            f.write(json.dumps({"id": "archived-1", "ts": listing["recordings"][0]["started_at"] + 0.5,
+                                "type": "chat", "name": "Archive", "text": "kept in the folder", "to": "all"}) + "\n")
+        status, body = await api("GET", f"{url}/api/recordings/{recording_id}/history")
+        assert sorted(e["text"] for e in body["entries"] if e["type"] == "chat") == ["during the lesson",
+                                                                                     "kept in the folder"], body
         status, body = await api("POST", f"{url}/api/recordings/{recording_id}/watch", tok("student", room, "Cy"),
                                  {"seconds": 12})
         assert status == 200 and body["lesson"] == lesson_id and body["seconds"] == 42
