@@ -12,7 +12,7 @@ from skyclass.media import aiortc_glue
 from skyclass.recordings import http as replay_http
 from skyclass.recordings.recorder import RecorderSettings, RecordingManager
 
-from . import classroom_api, metrics, signalling
+from . import classroom_api, metrics, ops, signalling
 from .config import Config
 from .errors import HttpError, error_middleware
 from .rooms import RoomRegistry
@@ -106,6 +106,8 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", _page("index.html"))
     app.router.add_get("/teach/{room}", _page("teach.html"))
     app.router.add_get("/watch/{room}", _page("watch.html"))
+    app.router.add_get("/ops", _page("ops.html"))
+    ops.add_routes(app)
     recorder = RecordingManager(RecorderSettings(
         root=config.data / "recordings", disabled_rooms=tuple(config.no_record),
         grace=config.peer_timeout if config.record_grace is None else config.record_grace))

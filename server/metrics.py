@@ -28,6 +28,18 @@ _COUNTERS = {
 _INGRESS_ONLY = ("packets_in", "bytes_in")
 
 
+def node_counters(rooms: RoomRegistry, workers: list[dict]) -> dict[str, int]:
+    """The node's forwarding counters: the front's (ingress, and viewers it holds itself) plus
+    what each fan-out worker reports of its own viewers."""
+    values = rooms.counters.as_dict()
+    totals: dict[str, int] = {}
+    for key in _COUNTERS:
+        totals[key] = values[key]
+        if key not in _INGRESS_ONLY:
+            totals[key] += sum(w["counters"].get(key, 0) for w in workers)
+    return totals
+
+
 class SkyclassCollector:
     def __init__(self, rooms: RoomRegistry, pool: Callable[[], Optional[object]]) -> None:
         self._rooms = rooms
@@ -46,14 +58,11 @@ class SkyclassCollector:
         yield GaugeMetricFamily(
             "skyclass_viewers_total", "viewing sessions on this node", value=sum(len(r.viewers) for r in rooms.rooms.values())
         )
-        values = rooms.counters.as_dict()
         pool = self._pool()
         workers = pool.worker_stats() if pool is not None else []  # type: ignore[attr-defined]
+        totals = node_counters(rooms, workers)
         for key, (name, help_text) in _COUNTERS.items():
-            total = values[key]
-            if key not in _INGRESS_ONLY:
-                total += sum(w["counters"].get(key, 0) for w in workers)
-            yield CounterMetricFamily(name, help_text + " (node total)", value=total)
+            yield CounterMetricFamily(name, help_text + " (node total)", value=totals[key])
         if not workers:
             return
         up = GaugeMetricFamily("skyclass_worker_up", "1 if the fan-out worker is running", labels=["worker"])

@@ -259,3 +259,51 @@ async def test_over_capacity_honours_retry_after(tmp_path, browser) -> None:
     finally:
         await page.close()
         server.stop()
+
+
+async def test_ops_dashboard(server, browser) -> None:
+    """/ops in Chromium: a wrong token is asked to be replaced; an ops token shows the live room
+    with its students and the node's packet rate, refreshed by polling."""
+    from skyclass.loadtest.clients import IndexedVideoTrack, publish, watch
+    from skyclass.media import aiortc_glue
+    from skyclass.server.tokens import issue_token
+
+    from conftest import SECRET
+
+    room = f"browser-ops-{int(time.time() * 1000) % 100000}"
+    aiortc_glue.restrict_host_addresses(["127.0.0.1"])
+    teacher = await publish(server.url, room, server.token("teacher", room, "Ms Ops"), [IndexedVideoTrack()])
+    students = [await watch(server.url, room, server.token("student", room, f"s{i}"), lambda track: None)
+                for i in range(3)]
+    page = await browser.new_page()
+    logs: list[str] = []
+    console_log(page, logs)
+    try:
+        await asyncio.wait_for(teacher.connected.wait(), 20)
+        for s in students:
+            await asyncio.wait_for(s.connected.wait(), 20)
+        await page.goto(f"{server.url}/ops?token={server.token('student', room, 'nosy')}")
+        await page.wait_for_selector("#token-form:not(.hidden)", timeout=10000)
+        assert "cannot open the ops view" in await page.text_content("#message")
+
+        await page.fill("#token", issue_token(SECRET, "ops", "*", "Ops", 600))
+        await page.click("#token-form button")
+        row = page.locator(f"#rooms tr[data-room='{room}']")
+        await eventually(lambda: row.count(), 10, "the room in the ops table")
+        cells = await row.locator("td").all_text_contents()
+        assert cells[1] == "live" and cells[2] == "Ms Ops" and cells[3] == "3", cells
+        assert cells[8].startswith("recording"), cells
+
+        async def rates() -> Optional[dict]:
+            return (await page.evaluate("window.skyclassOps.state()"))["rates"]
+        measured = await eventually(rates, 10, "rates from two polls")
+        assert measured["packets_out"] > 3 * 10, measured  # three students of a 15 fps teacher
+        shown = await page.text_content(".tile[data-key='packets_out'] .value")
+        assert int(shown.replace(",", "")) > 0, shown
+        assert await page.locator("#workers tr").count() == 2
+        assert not [line for line in logs if line.startswith("pageerror")], logs
+    finally:
+        await page.close()
+        for s in students:
+            await s.close()
+        await teacher.close()

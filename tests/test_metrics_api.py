@@ -1,4 +1,4 @@
-"""Ops endpoints and room state: /healthz, /readyz, /metrics (Prometheus text), /api/rooms."""
+"""Ops endpoints and room state: /healthz, /readyz, /metrics (Prometheus text), /api/rooms, /api/ops."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from skyclass.loadtest.clients import FrameChecker, IndexedVideoTrack, ToneAudioTrack, publish, watch
+from skyclass.server.tokens import issue_token
+
+from conftest import SECRET
 
 GAUGES = ("skyclass_rooms", "skyclass_publishers", "skyclass_viewers_total")
 COUNTERS = ("skyclass_rtp_packets_in", "skyclass_rtp_bytes_in", "skyclass_rtp_packets_out", "skyclass_rtp_bytes_out",
@@ -158,3 +161,48 @@ async def test_metrics_and_rooms_during_a_lesson(fresh_server) -> None:
         assert state["live"] is False and state["viewers"] == 0
         status, listing = await get_json(http, server.url + "/api/rooms")
         assert listing["rooms"] == []
+
+
+async def test_ops_snapshot_during_a_lesson(server) -> None:
+    """GET /api/ops: ops tokens only; the room with its teacher, students spread over the fan-out
+    workers and its recording; node counters and CPU that grow while the lesson runs."""
+    room = "ops-api-lesson"
+    ops = issue_token(SECRET, "ops", "*", "Ops", 600)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/api/ops") as resp:
+            assert resp.status == 401 and (await resp.json())["error"] == "unauthorized"
+        async with http.get(server.url + "/api/ops",
+                            headers={"Authorization": f"Bearer {server.token('teacher', room, 'T')}"}) as resp:
+            assert resp.status == 403 and "ops" in (await resp.json())["detail"]
+
+        async def snapshot() -> dict:
+            async with http.get(server.url + "/api/ops", headers={"Authorization": f"Bearer {ops}"}) as resp:
+                assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+                return await resp.json()
+
+        teacher = await publish(server.url, room, server.token("teacher", room, "Ms Ops"), [IndexedVideoTrack()])
+        students = [await watch(server.url, room, server.token("student", room, f"s{i}"), lambda track: None)
+                    for i in range(2)]
+        try:
+            await asyncio.wait_for(teacher.connected.wait(), 20)
+            for s in students:
+                await asyncio.wait_for(s.connected.wait(), 20)
+            await asyncio.sleep(1.0)
+            first = await snapshot()
+            rooms = {r["room"]: r for r in first["rooms"]}
+            ours = rooms[room]
+            assert ours["live"] is True and ours["publisher"] == "Ms Ops" and ours["viewers"] == 2, ours
+            assert ours["recording"] is not None and ours["recording"]["state"] == "recording", ours
+            assert first["ready"] is True and first["store"] == "in-process"
+            assert len(first["workers"]) == 2 and all(w["up"] for w in first["workers"]), first["workers"]
+            assert sum(w["viewers"] for w in first["workers"]) == first["totals"]["viewers"] >= 2
+            assert first["capacity"]["slots"] == 2 * first["capacity"]["per_worker"]
+            await asyncio.sleep(1.5)
+            second = await snapshot()
+            assert second["counters"]["packets_out"] - first["counters"]["packets_out"] >= 2 * 15
+            assert second["counters"]["packets_in"] > first["counters"]["packets_in"]
+            assert second["cpu_seconds"] > first["cpu_seconds"] and second["uptime"] >= first["uptime"]
+        finally:
+            for s in students:
+                await s.close()
+            await teacher.close()
