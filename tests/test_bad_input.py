@@ -7,7 +7,6 @@ import asyncio
 from typing import Optional
 
 import aiohttp
-import pytest
 
 from skyclass.loadtest.clients import FrameChecker, IndexedVideoTrack, ToneAudioTrack, publish, watch
 from skyclass.server.tokens import issue_token

@@ -9,7 +9,7 @@ import signal
 import aiohttp
 import pytest
 
-from skyclass.loadtest.clients import IndexedVideoTrack, SignallingFailed, ToneAudioTrack, publish, watch
+from skyclass.loadtest.clients import IndexedVideoTrack, SignallingFailed, ToneAudioTrack, publish
 
 from conftest import ServerProcess
 from test_lifecycle import Student, room_state, wait_for
