@@ -165,8 +165,8 @@ async def test_replay_page_shows_the_qa_and_counts_watch_time(server, browser) -
         assert by_kind["question"]["text"] == "Why do magnets attract?", qa
         assert by_kind["question"]["answer"] == "Aligned domains" and by_kind["question"]["who"] == "Ana"
         assert by_kind["chat"]["text"] == "thank you"
-        # offsets are seconds into the recording: the answer came ~4 s in, the lesson lasted ~7 s
-        assert 1.0 < by_kind["question"]["offset"] < by_kind["chat"]["offset"] < 12, qa
+        # offsets are seconds into the recording: the answer came ~4 s in, the chat right after it
+        assert 1.0 < by_kind["question"]["offset"] <= by_kind["chat"]["offset"] < 12, qa
         assert await page.locator("#qa-list li", has_text="Aligned domains").is_visible()
 
         await page.wait_for_function("window.skyclassReplay.state().readyState >= 1", timeout=15000)
