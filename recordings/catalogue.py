@@ -3,8 +3,8 @@
 Each recording keeps its metadata in ``meta.json`` in its own directory, so the media and
 the facts about it move, back up and survive restarts together. At start-up the directory
 tree is read into a :class:`RecordingStore`. The store interface is deliberately narrow
-(put, get, delete, list with filters) so that a Redis-backed store for multi-node deployments can
-implement it without knowing anything else about recordings.
+(put, get, delete, list with filters): :class:`MemoryStore` on a single node, :class:`RedisStore`
+when several nodes share one catalogue.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from .playlist import write_atomic
 
@@ -45,6 +45,10 @@ class RecordingInfo:
     container: str = "fmp4"
     segments: int = 0
     lesson: Optional[str] = None  # the timetable's lesson id, when the lesson lookup knows it
+    # Where the files are: the node that holds them and its base URL (multi-node catalogues
+    # list every node's recordings; another node redirects replay requests there).
+    node: Optional[str] = None
+    origin: Optional[str] = None
 
     def public(self) -> dict:
         """The API's view: the stored fields plus where to play and download it."""
@@ -96,13 +100,65 @@ class MemoryStore:
 
     async def list(self, room: Optional[str] = None, grade: Optional[str] = None, subject: Optional[str] = None,
                    date: Optional[str] = None) -> list[RecordingInfo]:
-        def keep(info: RecordingInfo) -> bool:
-            return ((room is None or info.room == room)
-                    and (grade is None or (info.grade or "").lower() == grade.lower())
-                    and (subject is None or (info.subject or "").lower() == subject.lower())
-                    and (date is None or local_date(info.started_at) == date))
+        return sorted((i for i in self._items.values() if _matches(i, room, grade, subject, date)),
+                      key=lambda i: i.started_at, reverse=True)
 
-        return sorted((i for i in self._items.values() if keep(i)), key=lambda i: i.started_at, reverse=True)
+
+class RedisStore:
+    """The catalogue of a multi-node deployment, in the Redis every node shares: each node puts
+    the recordings it holds (with its ``node`` and ``origin``), and any node lists them all.
+
+    ``{prefix}rec`` is a hash id → JSON entry; ``{prefix}rec:start`` orders ids by start time and
+    ``{prefix}rec:room:{room}`` does the same per room, so the common queries ("this room's
+    lessons", "the newest") read only the entries they return.
+    """
+
+    def __init__(self, redis: Any, prefix: str = "skyclass:") -> None:
+        self.redis = redis
+        self.key = prefix + "rec"
+
+    async def put(self, info: RecordingInfo) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.key, info.id, json.dumps(asdict(info), separators=(",", ":")))
+        pipe.zadd(self.key + ":start", {info.id: info.started_at})
+        pipe.zadd(f"{self.key}:room:{info.room}", {info.id: info.started_at})
+        await pipe.execute()
+
+    async def get(self, recording_id: str) -> Optional[RecordingInfo]:
+        raw = await self.redis.hget(self.key, recording_id)
+        return RecordingInfo.from_dict(json.loads(raw)) if raw else None
+
+    async def delete(self, recording_id: str) -> None:
+        info = await self.get(recording_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.key, recording_id)
+        pipe.zrem(self.key + ":start", recording_id)
+        if info is not None:
+            pipe.zrem(f"{self.key}:room:{info.room}", recording_id)
+        await pipe.execute()
+
+    async def list(self, room: Optional[str] = None, grade: Optional[str] = None, subject: Optional[str] = None,
+                   date: Optional[str] = None) -> list[RecordingInfo]:
+        index = f"{self.key}:room:{room}" if room is not None else self.key + ":start"
+        if date is not None:
+            # the day in local time, padded a day each way (time zones), then filtered exactly
+            day = time.mktime(time.strptime(date, "%Y-%m-%d"))
+            ids = await self.redis.zrevrangebyscore(index, day + 2 * 86400, day - 86400)
+        else:
+            ids = await self.redis.zrevrange(index, 0, -1)
+        if not ids:
+            return []
+        raws = await self.redis.hmget(self.key, ids)
+        infos = [RecordingInfo.from_dict(json.loads(raw)) for raw in raws if raw]
+        return [i for i in infos if _matches(i, room, grade, subject, date)]
+
+
+def _matches(info: RecordingInfo, room: Optional[str], grade: Optional[str], subject: Optional[str],
+             date: Optional[str]) -> bool:
+    return ((room is None or info.room == room)
+            and (grade is None or (info.grade or "").lower() == grade.lower())
+            and (subject is None or (info.subject or "").lower() == subject.lower())
+            and (date is None or local_date(info.started_at) == date))
 
 
 _GRADE = re.compile(r"^(?:grade|g|year|y)(\d{1,2})$", re.IGNORECASE)

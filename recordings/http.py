@@ -4,6 +4,10 @@ The only module of ``recordings/`` that knows aiohttp. Segments and init segment
 change once they exist (they appear by rename when complete), so they are served as
 immutable with range support (``FileResponse``: sendfile, ``Accept-Ranges``, ``Range``,
 ETag); the playlist is ``no-cache`` while the lesson runs and cacheable once it has ended.
+
+With a shared catalogue (several nodes, one Redis) any node lists and describes every
+recording and serves the replay page; the media requests of a recording held by another node
+are redirected (307) to that node's ``origin``.
 """
 
 from __future__ import annotations
@@ -70,8 +74,25 @@ def _directory(request: web.Request) -> Path:
     return _manager(request).settings.root / request.match_info["id"]
 
 
+def _elsewhere(request: web.Request, info: RecordingInfo) -> web.HTTPException:
+    """A recording another node holds (a shared catalogue lists every node's): send the
+    client there, or say why not."""
+    if info.origin:
+        return web.HTTPTemporaryRedirect(info.origin.rstrip("/") + request.path_qs,
+                                         headers={"Access-Control-Allow-Origin": "*"})
+    return web.HTTPNotFound(text=f"recording {info.id} is on node {info.node or '?'}, whose address is not known "
+                                 "(start every node with --public-url)")
+
+
+def _is_remote(request: web.Request, info: RecordingInfo) -> bool:
+    here = _manager(request).settings.node
+    return bool(info.node and here and info.node != here and not _directory(request).is_dir())
+
+
 async def playlist(request: web.Request) -> web.StreamResponse:
     info = await _info(request)
+    if _is_remote(request, info):
+        raise _elsewhere(request, info)
     path = _directory(request) / PLAYLIST_NAME
     if not path.exists():
         # The lesson has begun but its first segment is still being built.
@@ -89,6 +110,9 @@ async def media_file(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text="no such file")
     path = _directory(request) / name
     if not path.is_file():
+        info = await _manager(request).store.get(request.match_info["id"])
+        if info is not None and _is_remote(request, info):
+            raise _elsewhere(request, info)
         raise web.HTTPNotFound(text="no such file")
     return web.FileResponse(path, headers={"Content-Type": CONTENT_TYPES[path.suffix], "Cache-Control": IMMUTABLE,
                                            "Access-Control-Allow-Origin": "*"})
@@ -104,6 +128,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     have = "webm" if info.container == "webm" else "mp4"
     if wanted != have:
         raise web.HTTPNotFound(text=f"this lesson downloads as /replay/{info.id}.{have}")
+    if _is_remote(request, info):
+        raise _elsewhere(request, info)
     if info.state == "recording":
         raise web.HTTPConflict(text="the lesson is still being recorded: the download exists once it ends")
     directory = _directory(request)

@@ -69,6 +69,8 @@ class RecorderSettings:
     disabled_rooms: tuple[str, ...] = ()  # room names or fnmatch patterns ("tutoring-*", "*")
     grace: float = 10.0  # wait this long for a teacher whose connection was lost
     segment_target: float = 2.0
+    node: str = ""  # this node's name in a shared catalogue
+    origin: Optional[str] = None  # this node's base URL, where other nodes send replay requests
 
 
 def _name_thread(name: str) -> None:
@@ -539,6 +541,8 @@ class RecordingManager:
 
         infos = await asyncio.to_thread(load_all, self.settings.root)
         for info in infos:
+            # the files are here now, wherever they were recorded
+            info.node, info.origin = self.settings.node or None, self.settings.origin
             await self.store.put(info)
         logger.info("recordings: %d in the catalogue (%s)", len(infos), self.settings.root)
 
@@ -559,7 +563,8 @@ class RecordingManager:
             loop = asyncio.get_running_loop()
             grade, subject, title = classify_room(room.name, getattr(getattr(session, "claims", None), "extra", None))
             info = RecordingInfo(id=new_recording_id(room.name), room=room.name, title=title, teacher=session.name,
-                                 started_at=time.time(), grade=grade, subject=subject)
+                                 started_at=time.time(), grade=grade, subject=subject,
+                                 node=self.settings.node or None, origin=self.settings.origin)
             recording = Recording(info, self.settings.root / info.id, self.settings, loop, self.store)
             self.active[room.name] = recording
             recording.start()

@@ -110,7 +110,8 @@ def create_app(config: Config) -> web.Application:
     ops.add_routes(app)
     recorder = RecordingManager(RecorderSettings(
         root=config.data / "recordings", disabled_rooms=tuple(config.no_record),
-        grace=config.peer_timeout if config.record_grace is None else config.record_grace))
+        grace=config.peer_timeout if config.record_grace is None else config.record_grace,
+        node=classroom_api.node_id_for(config), origin=config.base_url()))
     app["rooms"].observers.append(recorder)
     replay_http.add_routes(app, recorder)
     classroom_api.setup(app)  # timetable, roles, events websocket, attendance (after the registry exists)

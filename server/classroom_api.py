@@ -485,6 +485,11 @@ def _wire_recorder(app: web.Application, timetable: Timetable, api: ClassroomApi
     manager = app.get(MANAGER_KEY)
     if manager is None:
         return
+    state = app["state"]
+    if getattr(state, "redis", None) is not None:
+        # Several nodes: one catalogue in the shared Redis (before the manager's start-up fills it).
+        from skyclass.recordings.catalogue import RedisStore
+        manager.store = RedisStore(state.redis, state.prefix)
 
     async def describe(room: str, started_at: float) -> Optional[dict]:
         lesson = await timetable.lesson_at(room, started_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,16 @@ class Config:
     no_record: list[str] = field(default_factory=list)
     record_grace: Optional[float] = None  # wait for a lost teacher this long (default: peer_timeout)
     node_id: str = ""  # this node's name in the shared state (default: hostname:port)
+
+    def base_url(self) -> str:
+        """Where other nodes (and the clients they redirect) reach this one: ``--public-url``, else
+        the listening address, the host's name standing in for a wildcard address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     def resolved_secret(self) -> str:
         """The configured secret, or one kept under the data directory so tokens survive restarts."""
@@ -79,7 +90,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--peer-timeout", type=float, default=float(env_or("peer_timeout", d.peer_timeout)),
         help="seconds without ICE consent before a vanished peer is dropped",
     )
-    parser.add_argument("--public-url", default=env_or("public_url", None), help="base URL printed in demo links")
+    parser.add_argument("--public-url", default=env_or("public_url", None), help="base URL of this node: demo links, and where other nodes redirect replays it holds")
     no_record_env = _env("no_record")
     parser.add_argument(
         "--no-record", dest="no_record", action="append", default=None, metavar="ROOM",

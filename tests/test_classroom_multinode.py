@@ -1,6 +1,6 @@
 """Two server processes sharing one redis-server: a question asked on node A reaches the teacher on
-node B, presence counts add up across nodes, floor/kick/history cross nodes, and Redis says
-where the room lives."""
+node B, presence counts add up across nodes, floor/kick/history cross nodes, Redis says
+where the room lives, and one recordings catalogue lists every node's lessons."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterator
 import aiohttp
 import pytest
 
-from skyclass.loadtest.clients import ToneAudioTrack, publish
+from skyclass.loadtest.clients import IndexedVideoTrack, ToneAudioTrack, publish
 from skyclass.server.tokens import issue_token
 
 from classroom_clients import WsClient, presence_where
@@ -110,3 +110,48 @@ async def test_question_crosses_nodes_and_presence_adds_up(two_nodes: tuple[Serv
         await teacher_pub.pc.close()
         for client in [teacher] + on_a + on_b:
             await client.close()
+
+
+async def test_recordings_catalogue_is_shared_and_replays_redirect(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
+    """A lesson recorded on node A is in the catalogue node B lists (one catalogue in Redis), and
+    B sends the replay's media requests to A, which holds the files."""
+    a, b = two_nodes
+    room = f"multi-rec-{secrets.token_hex(3)}"
+    teacher = await publish(a.url, room, tok("teacher", room, "T"), [IndexedVideoTrack(fps=15), ToneAudioTrack()])
+    try:
+        await asyncio.wait_for(teacher.connected.wait(), 15)
+        await asyncio.sleep(4)
+    finally:
+        await teacher.close()  # DELETE: the lesson ends, the recording is finalised on A
+
+    async with aiohttp.ClientSession() as http:
+        listing: list[dict] = []
+        for _ in range(100):
+            async with http.get(f"{b.url}/api/recordings?room={room}") as resp:
+                assert resp.status == 200
+                listing = (await resp.json())["recordings"]
+            if listing and listing[0]["state"] == "complete":
+                break
+            await asyncio.sleep(0.1)
+        assert len(listing) == 1 and listing[0]["state"] == "complete", listing
+        rec = listing[0]
+        assert rec["node"] == "node-a" and rec["origin"] == a.url, rec
+        async with http.get(f"{b.url}/api/recordings?date={date.today()}") as resp:
+            assert rec["id"] in {r["id"] for r in (await resp.json())["recordings"]}
+        async with http.get(f"{b.url}/api/recordings/{rec['id']}") as resp:
+            assert resp.status == 200 and (await resp.json())["room"] == room
+
+        async with http.get(f"{b.url}{rec['playlist']}", allow_redirects=False) as resp:
+            assert resp.status == 307 and resp.headers["Location"] == f"{a.url}{rec['playlist']}", resp.headers
+        async with http.get(f"{b.url}{rec['playlist']}") as resp:  # followed: A serves it
+            assert resp.status == 200 and str(resp.url).startswith(a.url)
+            playlist = await resp.text()
+        assert "#EXT-X-ENDLIST" in playlist
+        segment = next(line for line in playlist.splitlines() if line and not line.startswith("#"))
+        async with http.get(f"{b.url}/replay/{rec['id']}/{segment}", allow_redirects=False) as resp:
+            assert resp.status == 307 and resp.headers["Location"].startswith(a.url)
+        async with http.get(f"{b.url}/replay/{rec['id']}/{segment}") as resp:
+            assert resp.status == 200 and len(await resp.read()) > 1000
+        # A recording nobody has is still a plain 404 on either node.
+        async with http.get(f"{b.url}/replay/no-such-recording/index.m3u8", allow_redirects=False) as resp:
+            assert resp.status == 404
