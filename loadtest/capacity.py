@@ -87,8 +87,8 @@ def plan_district(scenario: Any, per_core: Optional[float], per_node: Optional[f
         if out["servers_for_largest_room"] and out["servers_for_largest_room"] > 1:
             out["note"] = (f"a {largest_room}-student room does not fit one {cores_per_server}-core server "
                            f"({int(per_server)} students): it needs {out['servers_for_largest_room']} servers, an "
-                           "origin plus edge nodes on other machines relaying it (design.md scale-out; "
-                           "docs/relay-protocol.md is the origin-to-edge relay the fan-out workers use today)")
+                           "origin plus edge nodes on other machines relaying it (nodes sharing one --redis; "
+                           "students may join through any of them: docs/relay-protocol.md, 'Between machines')")
     elif per_node:
         usable = per_node * (1 - headroom)
         out.update({"students_per_node_measured": round(per_node, 1),

@@ -18,6 +18,8 @@ another machine speaks the same datagrams. See ``docs/relay-protocol.md`` for th
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import socket
@@ -45,6 +47,11 @@ FLAG_ENTRY_POINT = 0x02
 SUBSCRIPTION_TTL = 5.0
 SUBSCRIBE_INTERVAL = 1.0
 SOCKET_BUFFER = 1024 * 1024  # ~0.7 s of ten 1 Mbps rooms: bounded delay, not seconds of backlog
+
+
+def relay_key(secret: str) -> str:
+    """The subscription key every node derives from the secret they already share (tokens)."""
+    return hmac.new(secret.encode(), b"skyclass relay v1", hashlib.sha256).hexdigest()[:32]
 
 
 def encode_rtp(stream_id: int, seq: int, timestamp: int, marker: int, entry_point: bool, payload: bytes) -> bytes:
@@ -159,8 +166,12 @@ class RelayOrigin:
     or None if the room is not here.
     """
 
-    def __init__(self, lookup: Callable[[str], Optional[dict]]) -> None:
+    def __init__(self, lookup: Callable[[str], Optional[dict]], key: Optional[str] = None) -> None:
         self._lookup = lookup
+        # Subscriptions must carry this key (derived from the nodes' shared secret): a relay
+        # reachable from other machines must not hand a room's media to whoever asks.
+        self._key = key
+        self.refused = 0
         self._transport: Optional[Endpoint] = None
         self.address: Optional[tuple] = None
         self._stream_ids: dict[int, object] = {}  # id -> TrackStream
@@ -220,6 +231,12 @@ class RelayOrigin:
 
     def _subscribe(self, addr: tuple, body: dict) -> None:
         """An edge's full list of wanted rooms: add what is new, drop what is gone."""
+        if self._key is not None and not hmac.compare_digest(str(body.get("key", "")), self._key):
+            self.refused += 1
+            if self.refused in (1, 100) or self.refused % 1000 == 0:
+                logger.warning("relay: subscription from %s without the relay key refused (%d so far)",
+                               addr, self.refused)
+            return
         self._last_seen[addr] = time.monotonic()
         current = self._edges.setdefault(addr, {})
         wanted: set[int] = set()
@@ -268,12 +285,14 @@ class RelayOrigin:
 class RelayEdge:
     """The fan-out side: receives rooms' streams from an origin and feeds local TrackStreams.
 
-    ``stream_for(room, slot)`` returns the local TrackStream to feed (created on demand);
+    ``stream_for(room, slot)`` returns the local TrackStream to feed (or None: not wanted here);
     ``rooms()`` the rooms this edge currently serves.
     """
 
-    def __init__(self, origin: tuple, stream_for: Callable[[str, str], object], rooms: Callable[[], list[str]]) -> None:
+    def __init__(self, origin: tuple, stream_for: Callable[[str, str], Optional[object]],
+                 rooms: Callable[[], list[str]], key: Optional[str] = None) -> None:
         self.origin = origin
+        self._key = key
         self._stream_for = stream_for
         self._rooms = rooms
         self._transport: Optional[Endpoint] = None
@@ -283,8 +302,9 @@ class RelayEdge:
         self.received = 0
         self.nacks_sent = 0
 
-    async def start(self) -> None:
-        self._transport, _ = await open_endpoint(self._on_datagram)
+    async def start(self, host: str = "127.0.0.1") -> None:
+        """``host``: the local address to send from (one that reaches the origin)."""
+        self._transport, _ = await open_endpoint(self._on_datagram, host)
         self._task = asyncio.ensure_future(self._subscribe_loop())
 
     def close(self) -> None:
@@ -296,7 +316,10 @@ class RelayEdge:
     def subscribe_now(self) -> None:
         """Send the subscription at once (a new room), not at the next tick."""
         if self._transport is not None:
-            self._transport.sendto(encode_json(MSG_SUBSCRIBE, {"rooms": self._rooms()}), self.origin)
+            body: dict = {"rooms": self._rooms()}
+            if self._key is not None:
+                body["key"] = self._key
+            self._transport.sendto(encode_json(MSG_SUBSCRIBE, body), self.origin)
 
     async def _subscribe_loop(self) -> None:
         while True:
@@ -330,6 +353,9 @@ class RelayEdge:
             _, sid = _ID.unpack_from(data)
             info = json.loads(data[_ID.size:])
             stream = self._stream_for(info["room"], info["slot"])
+            if stream is None:  # a room this side let go of a moment ago
+                self._streams.pop(sid, None)
+                return
             if self._streams.get(sid) is not stream:
                 self._streams[sid] = stream
                 stream.upstream_keyframe = lambda sid=sid: self.request_keyframe(sid)  # type: ignore[attr-defined]

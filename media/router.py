@@ -245,6 +245,11 @@ class TrackStream:
         self._last_arrival = 0.0
         self.packets_in = 0
 
+    @property
+    def last_packet_at(self) -> float:
+        """``time.monotonic()`` of the newest packet forwarded (0 before the first)."""
+        return self._last_arrival
+
     # codec ---------------------------------------------------------------------------
     def set_codec(self, mime_type: str, clock_rate: int) -> None:
         """Fix the room's codec for this kind (the teacher's, or the first agreed)."""
@@ -451,6 +456,12 @@ class Router:
     def live(self) -> bool:
         """The teacher is publishing (a speaker alone does not make a lesson live)."""
         return any(self.streams[kind].producer is not None for kind in ("audio", "video"))
+
+    def receiving(self, within: float) -> bool:
+        """The teacher's media arrived within the last ``within`` seconds (from a producer here
+        or relayed from the room's origin)."""
+        now = time.monotonic()
+        return any(now - self.streams[kind].last_packet_at < within for kind in ("audio", "video"))
 
     def codecs(self) -> dict[str, Optional[str]]:
         """The codec of each slot that has one."""

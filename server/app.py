@@ -13,6 +13,7 @@ from skyclass.recordings import http as replay_http
 from skyclass.recordings.recorder import RecorderSettings, RecordingManager
 
 from . import classroom_api, metrics, ops, signalling
+from .cluster import Cluster
 from .config import Config
 from .errors import HttpError, error_middleware
 from .rooms import RoomRegistry
@@ -119,4 +120,22 @@ def create_app(config: Config) -> web.Application:
         app.router.add_static("/static/", WEB_DIR)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
+    if config.redis:
+        _add_cluster(app, config)
     return app
+
+
+def _add_cluster(app: web.Application, config: Config) -> None:
+    """Several nodes on one Redis: students of a room taught elsewhere are served here as an
+    edge of it, and publishers are sent to the room's node (cluster.py)."""
+    cluster = Cluster(config, app["rooms"], app["state"], classroom_api.node_id_for(config), app["secret"])
+    app["cluster"] = cluster
+
+    async def start(app: web.Application) -> None:
+        await cluster.start()
+
+    async def stop(app: web.Application) -> None:
+        await cluster.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)

@@ -28,6 +28,9 @@ class Config:
     no_record: list[str] = field(default_factory=list)
     record_grace: Optional[float] = None  # wait for a lost teacher this long (default: peer_timeout)
     node_id: str = ""  # this node's name in the shared state (default: hostname:port)
+    # Where this node's cross-node relay origin listens (with --redis): HOST[:PORT]; other
+    # nodes' edges subscribe there to rooms whose teacher publishes here.
+    relay_address: str = "127.0.0.1"
 
     def base_url(self) -> str:
         """Where other nodes (and the clients they redirect) reach this one: ``--public-url``, else
@@ -105,6 +108,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--node-id", default=env_or("node_id", ""),
                         help="this node's id in the shared (Redis) state; default hostname:port")
+    parser.add_argument("--relay-address", default=env_or("relay_address", d.relay_address),
+                        help="HOST[:PORT] where other nodes (with --redis) subscribe to rooms taught here: "
+                             "an address they reach on the private network (default 127.0.0.1: one machine)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -122,4 +128,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
         no_record=args.no_record or args._no_record_env,
         record_grace=args.record_grace,
         node_id=args.node_id,
+        relay_address=args.relay_address,
     )

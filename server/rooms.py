@@ -15,6 +15,8 @@ from skyclass.media.router import Consumer, MediaCounters, Producer, Router
 
 logger = logging.getLogger(__name__)
 
+UPSTREAM_SILENCE = 3.0  # a relayed room without packets this long is not live (its teacher is gone)
+
 
 @dataclass(eq=False)
 class Session:
@@ -63,12 +65,17 @@ class Room:
         self.speakers: dict[str, Session] = {}
         self.viewers: dict[str, Session] = {}
         self.started_at: Optional[float] = None
+        # The node this room is relayed from when its teacher publishes elsewhere (this node
+        # is then an edge of it: see cluster.py); None when the lesson is ingested here.
+        self.upstream: Optional[str] = None
 
     def state(self) -> dict:
+        relayed = self.upstream is not None and self.router.receiving(UPSTREAM_SILENCE)
         return {
             "room": self.name,
-            "live": self.publisher is not None and self.router.live,
+            "live": (self.publisher is not None and self.router.live) or relayed,
             "publisher": self.publisher.name if self.publisher else None,
+            "upstream": self.upstream,
             "viewers": len(self.viewers),
             "speakers": [s.name for s in self.speakers.values()],
             "codecs": {k: v for k, v in self.router.codecs().items() if v},

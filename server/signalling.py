@@ -145,6 +145,13 @@ async def whip_post(request: web.Request) -> web.Response:
     """Teacher (or a student given the floor) publishes: decrypt once, feed the room's Router."""
     room_name = request.match_info["room"]
     claims, prefix = _publish_slot_prefix(request, room_name)
+    cluster = request.app.get("cluster")
+    if cluster is not None:
+        home = await cluster.home_elsewhere(room_name)
+        if home is not None:
+            # One ingress per room (RFC 9725 §4.6 allows the redirect): publish where it lives.
+            logger.info("room=%s %s's WHIP sent to the room's node %s", room_name, claims.name, home)
+            raise web.HTTPTemporaryRedirect(home + request.path_qs)
     text, description = await _read_offer(request)
     registry: RoomRegistry = request.app["rooms"]
     room = registry.get_or_create(room_name)
@@ -254,6 +261,9 @@ async def whep_post(request: web.Request) -> web.Response:
     text, description = await _read_offer(request)
     kinds = offered_media(description)
     registry: RoomRegistry = request.app["rooms"]
+    cluster = request.app.get("cluster")
+    if cluster is not None:
+        await cluster.prepare_viewer(room_name)  # taught on another node: relay it here
     pool = request.app.get("workers")
     if pool is not None:
         session, answer = await pool.open_viewer(registry, room_name, claims.name, text, kinds)

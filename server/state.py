@@ -80,6 +80,13 @@ class State(ABC):
     @abstractmethod
     async def room_nodes(self) -> dict[str, str]: ...
 
+    # nodes: how to reach each one (its relay origin, its URL), while it is alive -------
+    @abstractmethod
+    async def set_node_info(self, node: str, info: dict, ttl: float) -> None: ...
+
+    @abstractmethod
+    async def node_info(self, node: str) -> Optional[dict]: ...
+
     # presence: one entry per node per room, summed by readers -----------------------
     @abstractmethod
     async def put_presence(self, room: str, node: str, entry: Optional[dict]) -> None:
@@ -239,6 +246,7 @@ class InProcessState(State):
         super().__init__(node_id)
         self.data = data
         self._rooms: dict[str, tuple[str, float]] = {}
+        self._nodes: dict[str, tuple[dict, float]] = {}
         self._presence: dict[str, dict[str, dict]] = {}
         self._live: dict[str, dict] = {}
         self._history: dict[str, list[tuple[float, dict]]] = {}
@@ -293,6 +301,13 @@ class InProcessState(State):
     async def room_nodes(self) -> dict[str, str]:
         now = time.time()
         return {room: node for room, (node, until) in self._rooms.items() if until >= now}
+
+    async def set_node_info(self, node: str, info: dict, ttl: float) -> None:
+        self._nodes[node] = (json.loads(json.dumps(info)), time.time() + ttl)
+
+    async def node_info(self, node: str) -> Optional[dict]:
+        found = self._nodes.get(node)
+        return found[0] if found is not None and found[1] >= time.time() else None
 
     async def put_presence(self, room: str, node: str, entry: Optional[dict]) -> None:
         if entry is None:
@@ -568,6 +583,13 @@ class RedisState(State):
         rooms = list(listed)
         alive = await self.redis.mget([self.k("node", r) for r in rooms])
         return {room: node for room, node in zip(rooms, alive) if node}
+
+    async def set_node_info(self, node: str, info: dict, ttl: float) -> None:
+        await self.redis.set(self.k("nodeinfo", node), json.dumps(info, separators=(",", ":")), px=int(ttl * 1000))
+
+    async def node_info(self, node: str) -> Optional[dict]:
+        raw = await self.redis.get(self.k("nodeinfo", node))
+        return json.loads(raw) if raw else None
 
     async def put_presence(self, room: str, node: str, entry: Optional[dict]) -> None:
         key = self.k("presence", room)

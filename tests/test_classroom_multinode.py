@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from skyclass.loadtest.clients import IndexedVideoTrack, ToneAudioTrack, publish
+from skyclass.media import aiortc_glue
 from skyclass.server.tokens import issue_token
 
 from classroom_clients import WsClient, presence_where
@@ -155,3 +156,56 @@ async def test_recordings_catalogue_is_shared_and_replays_redirect(two_nodes: tu
         # A recording nobody has is still a plain 404 on either node.
         async with http.get(f"{b.url}/replay/no-such-recording/index.m3u8", allow_redirects=False) as resp:
             assert resp.status == 404
+
+
+async def test_students_on_another_node_watch_through_the_relay(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
+    """Scale-out: the teacher publishes on node A; students whose requests land on node B are
+    served by B, which relays the room from A (one stream per room per node). A student who
+    joined B before the teacher started follows the lesson when it does; a publisher sent to
+    B is redirected to A, where the room lives."""
+    from test_lifecycle import Student
+
+    a, b = two_nodes
+    room = f"multi-edge-{secrets.token_hex(3)}"
+    aiortc_glue.restrict_host_addresses(["127.0.0.1"])
+    students: list[Student] = []
+    teacher = None
+    try:
+        students.append(await Student().join(b, room, "early-on-b"))  # before the teacher starts anywhere
+        video = IndexedVideoTrack(fps=15)
+        teacher = await publish(a.url, room, tok("teacher", room, "T"), [video, ToneAudioTrack()])
+        await asyncio.wait_for(teacher.connected.wait(), 15)
+        for _ in range(50):  # the classroom says where the room lives
+            snapshot = await get(f"{b.url}/api/rooms/{room}/classroom", tok("teacher", room, "T"))
+            if snapshot["lives_on"] == "node-a":
+                break
+            await asyncio.sleep(0.1)
+        students += [await Student().join(b, room, f"b{i}") for i in range(2)]
+        students.append(await Student().join(a, room, "on-a"))
+        assert all(await asyncio.gather(*(s.wait_frames(30, 40) for s in students))), \
+            [s.frames for s in students]
+        for s in students:
+            assert set(s.checker.indices) <= set(video.sent), "a student decoded frames the teacher never sent"
+            assert s.checker.bad_frames == 0
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{b.url}/api/rooms/{room}") as resp:
+                on_b = await resp.json()
+            async with http.get(f"{a.url}/api/rooms/{room}") as resp:
+                on_a = await resp.json()
+            assert on_b["live"] is True and on_b["upstream"] == "node-a" and on_b["viewers"] == 3, on_b
+            assert on_a["live"] is True and on_a["upstream"] is None and on_a["viewers"] == 1, on_a
+            # B's workers forward B's students' copies; A sends B one relayed stream per track.
+            async with http.get(f"{b.url}/api/ops", headers={"Authorization": f"Bearer {tok('ops', '*', 'Ops')}"}) as resp:
+                ops_b = await resp.json()
+            assert ops_b["counters"]["packets_in"] > 0 and ops_b["counters"]["packets_out"] > 0, ops_b["counters"]
+
+            # One ingress per room: a publisher who reaches B is sent to A.
+            async with http.post(f"{b.url}/whip/{room}", data="v=0\r\n", allow_redirects=False,
+                                 headers={"Authorization": f"Bearer {tok('teacher', room, 'T')}",
+                                          "Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 307 and resp.headers["Location"] == f"{a.url}/whip/{room}", resp.headers
+    finally:
+        await asyncio.gather(*(s.close() for s in students))
+        if teacher is not None:
+            await teacher.close()

@@ -487,3 +487,66 @@ def test_resolved_secret_is_kept_under_data(tmp_path: Path) -> None:
     assert len(first) >= 32
     assert Config(data=tmp_path / "d").resolved_secret() == first  # survives a restart
     assert (tmp_path / "d" / "secret").stat().st_mode & 0o077 == 0
+
+
+# relay protocol over real loopback UDP --------------------------------------------------------
+
+class _Collect:
+    """A PacketSink that keeps what reaches it."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    def on_rtp(self, seq: int, timestamp: int, marker: int, payload: bytes, entry_point: bool) -> None:
+        self.seqs.append(seq)
+
+    def on_sender_report(self, ntp_timestamp: int, rtp_timestamp: int) -> None:
+        pass
+
+
+async def _until(check, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return bool(check())
+
+
+async def test_relay_key_gates_subscriptions_and_the_hop_repairs_loss() -> None:
+    from skyclass.media.relay import RelayEdge, RelayOrigin, relay_key
+    from skyclass.media.router import MediaCounters, TrackStream
+
+    counters = MediaCounters()
+    source = TrackStream("r", "video", counters)
+    source.set_codec("video/VP8", 90000)
+    origin = RelayOrigin(lambda room: {"video": source} if room == "r" else None, key=relay_key("s3cret"))
+    address = await origin.start("127.0.0.1", 0)
+    copies = {name: TrackStream("r", "video", MediaCounters()) for name in ("stranger", "peer")}
+    got = {name: _Collect() for name in copies}
+    for name, stream in copies.items():
+        stream.add_sink(got[name])
+    edges = {
+        "stranger": RelayEdge(address, lambda room, slot: copies["stranger"], lambda: ["r"], key=relay_key("guess")),
+        "peer": RelayEdge(address, lambda room, slot: copies["peer"], lambda: ["r"], key=relay_key("s3cret")),
+    }
+    try:
+        for edge in edges.values():
+            await edge.start()
+        assert await _until(lambda: copies["peer"].mime_type == "video/VP8"), "the keyed edge learnt the codec"
+        dropped = 7
+        for seq in range(1, 20):
+            if seq != dropped:  # never sent on the hop: the edge must NACK it from the origin's cache
+                source.on_relayed(seq, seq * 3000, 1, b"\x10frame%d" % seq, seq == 1)
+            else:
+                source.cache.put(CachedPacket(seq, seq * 3000, 1, b"\x10frame7"))
+        assert await _until(lambda: set(got["peer"].seqs) >= set(range(1, 20))), got["peer"].seqs
+        assert edges["peer"].nacks_sent >= 1 and origin.retransmissions >= 1
+        copies["peer"].upstream_keyframe()  # what a joining student at the edge triggers
+        assert await _until(lambda: counters.keyframe_requests_received == 1)
+        assert got["stranger"].seqs == [] and copies["stranger"].mime_type is None
+        assert origin.refused >= 1
+    finally:
+        for edge in edges.values():
+            edge.close()
+        origin.close()

@@ -152,7 +152,8 @@
 
   function renderRooms(s) {
     const rows = s.rooms.map((room) => {
-      const state = el("span", { className: "pill", textContent: room.live ? "live" : room.publisher ? "starting" : "waiting" });
+      const label = room.live ? (room.upstream ? `live from ${room.upstream}` : "live") : room.publisher ? "starting" : "waiting";
+      const state = el("span", { className: "pill", textContent: label });
       state.dataset.state = room.live ? "live" : "waiting";
       const rec = room.recording;
       const watch = el("a", { href: `/watch/${encodeURIComponent(room.room)}`, textContent: room.room });

@@ -1,0 +1,200 @@
+"""Rooms across nodes: a room lives on the node its teacher publishes to; other nodes are its edges.
+
+A grade's lesson has thousands of students, more than one machine serves, so the students
+of one room must be able to sit on several nodes. Redis says where each room lives (the
+classroom keeps ``room → node`` fresh while a teacher publishes) and how to reach each node
+(``node_info``: its relay origin and its URL, advertised here). Then:
+
+* a student's WHEP request may land on any node (a plain load balancer in front is enough):
+  when the room lives elsewhere, this node subscribes to the room at its origin over the relay
+  protocol (``docs/relay-protocol.md``, the same datagrams the local fan-out workers speak)
+  and serves the student from its own workers. One relay stream per room per node crosses
+  the network, whatever the number of students there; keyframe requests and NACKs go up the
+  same way and are coalesced at each hop;
+* a teacher's or speaker's WHIP request for a room living elsewhere is redirected there
+  (``307``, RFC 9725 §4.6: a room has one ingress, whose packet cache and keyframe
+  aggregation every edge relies on).
+
+An edge never re-serves a relayed room to other nodes (no loops, one hop from the origin).
+The cross-node relay listens on ``--relay-address`` and only answers subscriptions that carry
+the key derived from the secret the nodes already share for tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+from skyclass.media.relay import RelayEdge, RelayOrigin, relay_key
+
+from .config import Config
+from .rooms import Room, RoomRegistry
+from .state import State
+
+logger = logging.getLogger(__name__)
+
+NODE_INFO_TTL = 15.0  # a node that stops advertising is unreachable after this long
+ADVERTISE_EVERY = 5.0
+REFRESH_INTERVAL = 1.0  # how soon students waiting here follow a teacher who starts elsewhere
+CODEC_WAIT = 2.0  # how long a joining student's answer waits to learn the room's codecs
+IDLE_GRACE = 5.0  # a relayed room with no student here is let go after this long
+
+
+class Cluster:
+    def __init__(self, config: Config, registry: RoomRegistry, state: State, node_id: str, secret: str) -> None:
+        self.config = config
+        self.registry = registry
+        self.state = state
+        self.node_id = node_id
+        self.key = relay_key(secret)
+        self.host, self.port = _host_port(config.relay_address)
+        self.url = config.base_url()
+        self.origin = RelayOrigin(self._ingested_streams, key=self.key)
+        self.edges: dict[tuple, RelayEdge] = {}
+        # room -> (home node, its relay address, when we linked it)
+        self.upstream: dict[str, tuple[str, tuple, float]] = {}
+        self._task: Optional[asyncio.Task[None]] = None
+        self._advertised_at = 0.0
+
+    # lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        address = await self.origin.start(self.host, self.port)
+        self.port = address[1]
+        await self._advertise()
+        self._task = asyncio.ensure_future(self._loop())
+        logger.info("node=%s cluster relay origin %s:%d, url %s", self.node_id, self.host, self.port, self.url)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for edge in self.edges.values():
+            edge.close()
+        self.edges.clear()
+        self.origin.close()
+
+    async def _advertise(self) -> None:
+        await self.state.set_node_info(self.node_id, {"relay": [self.host, self.port], "url": self.url}, NODE_INFO_TTL)
+        self._advertised_at = time.monotonic()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)
+            try:
+                if time.monotonic() - self._advertised_at >= ADVERTISE_EVERY:
+                    await self._advertise()
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis away for a moment: keep relaying what we relay
+                logger.warning("node=%s cluster refresh failed", self.node_id, exc_info=True)
+
+    # signalling hooks -----------------------------------------------------------------
+    async def home_elsewhere(self, room_name: str) -> Optional[str]:
+        """The base URL of the live node a room lives on, when that is not this node."""
+        room = self.registry.get(room_name)
+        if room is not None and room.publisher is not None:
+            return None
+        home = await self.state.room_node(room_name)
+        if not home or home == self.node_id:
+            return None
+        info = await self.state.node_info(home)
+        return str(info["url"]).rstrip("/") if info and info.get("url") else None
+
+    async def prepare_viewer(self, room_name: str) -> None:
+        """Before a student joins here: when the room lives elsewhere, start relaying it and
+        wait (briefly) for its codecs, so the student's answer offers the teacher's."""
+        room = self.registry.get(room_name)
+        if room is not None and room.publisher is not None:
+            return
+        home = await self.state.room_node(room_name)
+        if not home or home == self.node_id:
+            return
+        room = self.registry.get_or_create(room_name)
+        if not await self._link(room, home):
+            return
+        deadline = time.monotonic() + CODEC_WAIT
+        streams = room.router.streams
+        while time.monotonic() < deadline and not (streams["video"].mime_type or streams["audio"].mime_type):
+            await asyncio.sleep(0.05)
+
+    # rooms ------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Point every room with students here and its teacher elsewhere at the node it lives on
+        (students who came before the teacher follow them there); let go of the rest."""
+        now = time.monotonic()
+        for room in list(self.registry.rooms.values()):
+            if room.publisher is not None:
+                self._unlink(room)  # the teacher is here now: ingested locally
+            elif room.viewers:
+                home = await self.state.room_node(room.name)
+                if home and home != self.node_id:
+                    await self._link(room, home)
+                else:
+                    self._unlink(room)
+        for name, (_, _, linked_at) in list(self.upstream.items()):
+            room = self.registry.get(name)
+            if room is None:
+                self.upstream.pop(name, None)
+            elif not room.viewers and room.publisher is None and now - linked_at > IDLE_GRACE:
+                self._unlink(room)
+                if room.idle:
+                    self.registry.drop_room(room)
+        for addr in list(self.edges):
+            if not self._rooms_from(addr):
+                edge = self.edges.pop(addr)
+                edge.subscribe_now()  # an empty list: the origin drops our subscriptions at once
+                edge.close()
+                logger.info("node=%s relay edge to %s closed (no room left)", self.node_id, addr)
+
+    async def _link(self, room: Room, home: str) -> bool:
+        info = await self.state.node_info(home)
+        if not info or not info.get("relay"):
+            logger.warning("room=%s lives on node %s, which is not reachable (no relay advertised)", room.name, home)
+            return False
+        host, port = info["relay"]
+        addr = (str(host), int(port))
+        current = self.upstream.get(room.name)
+        if current is not None and current[:2] == (home, addr):
+            return True
+        self.upstream[room.name] = (home, addr, time.monotonic())
+        room.upstream = home
+        edge = self.edges.get(addr)
+        if edge is None:
+            edge = RelayEdge(addr, self._relayed_stream, lambda addr=addr: self._rooms_from(addr), key=self.key)
+            await edge.start(self.host)
+            self.edges[addr] = edge
+        edge.subscribe_now()
+        if current is not None and current[1] in self.edges:
+            self.edges[current[1]].subscribe_now()  # the previous origin: it drops the room now
+        logger.info("room=%s relayed from node %s (%s:%d) to this node's students", room.name, home, *addr)
+        return True
+
+    def _unlink(self, room: Room) -> None:
+        if self.upstream.pop(room.name, None) is not None:
+            logger.info("room=%s no longer relayed from node %s", room.name, room.upstream)
+        room.upstream = None
+
+    def _rooms_from(self, addr: tuple) -> list[str]:
+        return [name for name, (_, a, _) in self.upstream.items() if a == addr and name in self.registry.rooms]
+
+    def _relayed_stream(self, room_name: str, slot: str) -> Optional[object]:
+        room = self.registry.get(room_name)
+        if room is None or room.upstream is None:
+            return None
+        return room.router.streams.get(slot)
+
+    def _ingested_streams(self, room_name: str) -> Optional[dict]:
+        """What other nodes may subscribe to: rooms whose teacher publishes here."""
+        room = self.registry.get(room_name)
+        if room is None or room.upstream is not None:
+            return None
+        return room.router.streams
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return text.strip("[]"), 0
+    return host.strip("[]"), int(port)
