@@ -40,14 +40,13 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from .common import ServerProcess
+from .common import RedisServer, ServerProcess
 
 TARGET_P95_MS = 200.0
 TARGET_CPU_PCT = 10.0
@@ -322,29 +321,6 @@ def percentile(values: list[float], p: float) -> Optional[float]:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-class RedisServer:
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("--store redis needs redis-server on PATH")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 def _api(url: str, token: str, body: dict) -> dict:
