@@ -11,9 +11,12 @@ classroom keeps ``room → node`` fresh while a teacher publishes) and how to re
   and serves the student from its own workers. One relay stream per room per node crosses
   the network, whatever the number of students there; keyframe requests and NACKs go up the
   same way and are coalesced at each hop;
-* a teacher's or speaker's WHIP request for a room living elsewhere is redirected there
-  (``307``, RFC 9725 §4.6: a room has one ingress, whose packet cache and keyframe
-  aggregation every edge relies on).
+* a teacher's or speaker's WHIP request for a room living elsewhere is forwarded there, and
+  so is the DELETE of the session it creates: a room has one ingress, whose packet cache and
+  keyframe aggregation every edge relies on. Forwarded rather than redirected (RFC 9725
+  allows a 307) because browsers drop ``Authorization`` on a cross-origin redirect and not
+  every encoder follows one; the media itself goes straight to the room's node (its ICE
+  candidates are in the answer).
 
 An edge never re-serves a relayed room to other nodes (no loops, one hop from the origin).
 The cross-node relay listens on ``--relay-address`` and only answers subscriptions that carry
@@ -27,16 +30,22 @@ import logging
 import time
 from typing import Optional
 
+import aiohttp
+from aiohttp import web
+
 from skyclass.media.relay import RelayEdge, RelayOrigin, relay_key
 
 from .config import Config
+from .errors import HttpError
 from .rooms import Room, RoomRegistry
 from .state import State
 
 logger = logging.getLogger(__name__)
 
-NODE_INFO_TTL = 15.0  # a node that stops advertising is unreachable after this long
-ADVERTISE_EVERY = 5.0
+NODE_INFO_TTL = 6.0  # a node that stops advertising (dead) is not sent anyone after this long
+ADVERTISE_EVERY = 2.0
+FORWARD_TIMEOUT = 15.0
+FORWARD_KEEP = 12 * 3600.0
 REFRESH_INTERVAL = 1.0  # how soon students waiting here follow a teacher who starts elsewhere
 CODEC_WAIT = 2.0  # how long a joining student's answer waits to learn the room's codecs
 IDLE_GRACE = 5.0  # a relayed room with no student here is let go after this long
@@ -57,12 +66,17 @@ class Cluster:
         self.upstream: dict[str, tuple[str, tuple, float]] = {}
         self._task: Optional[asyncio.Task[None]] = None
         self._advertised_at = 0.0
+        self._http: Optional[aiohttp.ClientSession] = None
+        # WHIP sessions forwarded to another node: session id -> (its base URL, when)
+        self.forwarded: dict[str, tuple[str, float]] = {}
+        self._unreachable: set[tuple[str, str]] = set()  # (room, node) already warned about
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         address = await self.origin.start(self.host, self.port)
         self.port = address[1]
         await self._advertise()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT))
         self._task = asyncio.ensure_future(self._loop())
         logger.info("node=%s cluster relay origin %s:%d, url %s", self.node_id, self.host, self.port, self.url)
 
@@ -73,6 +87,8 @@ class Cluster:
             edge.close()
         self.edges.clear()
         self.origin.close()
+        if self._http is not None:
+            await self._http.close()
 
     async def _advertise(self) -> None:
         await self.state.set_node_info(self.node_id, {"relay": [self.host, self.port], "url": self.url}, NODE_INFO_TTL)
@@ -101,6 +117,54 @@ class Cluster:
             return None
         info = await self.state.node_info(home)
         return str(info["url"]).rstrip("/") if info and info.get("url") else None
+
+    async def forward_publish(self, request: web.Request, home: str) -> web.Response:
+        """POST the publisher's offer to the room's node; answer with its answer. The session's
+        resource stays under this node's URL (its DELETE is forwarded too)."""
+        assert self._http is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        try:
+            async with self._http.post(home + request.path_qs, data=await request.read(), headers=headers,
+                                       allow_redirects=False) as resp:
+                body, status = await resp.read(), resp.status
+                location = resp.headers.get("Location")
+                passed = {k: v for k, v in resp.headers.items() if k.lower() in ("location", "retry-after", "link")}
+                content_type = resp.headers.get("Content-Type", "text/plain")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise HttpError(503, "room's node unreachable", f"the room lives on {home}, which did not answer: {exc}",
+                            headers={"Retry-After": "2"}) from None
+        if status == 201 and location:
+            session_id = location.rstrip("/").rsplit("/", 1)[-1]
+            self._remember(session_id, home)
+            passed["Access-Control-Expose-Headers"] = "Location"
+            logger.info("room=%s peer=%s publisher forwarded to the room's node %s", request.match_info["room"],
+                        session_id, home)
+        return web.Response(status=status, body=body, headers={**passed, "Content-Type": content_type})
+
+    async def forward_delete(self, request: web.Request, session_id: str) -> Optional[web.Response]:
+        """DELETE of a session this node forwarded: ended on the room's node. None if not ours."""
+        found = self.forwarded.get(session_id)
+        if found is None or self._http is None:
+            return None
+        home = found[0]
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        try:
+            async with self._http.delete(home + request.path_qs, headers=headers) as resp:
+                body, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise HttpError(503, "room's node unreachable", f"{home} did not answer: {exc}",
+                            headers={"Retry-After": "2"}) from None
+        if status < 400 or status == 404:
+            self.forwarded.pop(session_id, None)
+        return web.Response(status=status, body=body, content_type="text/plain")
+
+    def _remember(self, session_id: str, home: str) -> None:
+        now = time.time()
+        if len(self.forwarded) > 10_000:  # sessions never DELETEd (a closed laptop): forget old ones
+            for sid, (_, at) in list(self.forwarded.items()):
+                if now - at > FORWARD_KEEP:
+                    del self.forwarded[sid]
+        self.forwarded[session_id] = (home, now)
 
     async def prepare_viewer(self, room_name: str) -> None:
         """Before a student joins here: when the room lives elsewhere, start relaying it and
@@ -151,8 +215,12 @@ class Cluster:
     async def _link(self, room: Room, home: str) -> bool:
         info = await self.state.node_info(home)
         if not info or not info.get("relay"):
-            logger.warning("room=%s lives on node %s, which is not reachable (no relay advertised)", room.name, home)
+            if (room.name, home) not in self._unreachable:  # once, not every second
+                self._unreachable.add((room.name, home))
+                logger.warning("room=%s lives on node %s, which is not reachable (no relay advertised)",
+                               room.name, home)
             return False
+        self._unreachable.discard((room.name, home))
         host, port = info["relay"]
         addr = (str(host), int(port))
         current = self.upstream.get(room.name)

@@ -148,10 +148,8 @@ async def whip_post(request: web.Request) -> web.Response:
     cluster = request.app.get("cluster")
     if cluster is not None:
         home = await cluster.home_elsewhere(room_name)
-        if home is not None:
-            # One ingress per room (RFC 9725 §4.6 allows the redirect): publish where it lives.
-            logger.info("room=%s %s's WHIP sent to the room's node %s", room_name, claims.name, home)
-            raise web.HTTPTemporaryRedirect(home + request.path_qs)
+        if home is not None:  # one ingress per room: publish where it lives
+            return await cluster.forward_publish(request, home)
     text, description = await _read_offer(request)
     registry: RoomRegistry = request.app["rooms"]
     room = registry.get_or_create(room_name)
@@ -290,6 +288,10 @@ async def session_delete(request: web.Request) -> web.Response:
     room_name = request.match_info["room"]
     registry: RoomRegistry = request.app["rooms"]
     session = registry.sessions.get(request.match_info["session"])
+    if session is None and kind == "whip" and request.app.get("cluster") is not None:
+        forwarded = await request.app["cluster"].forward_delete(request, request.match_info["session"])
+        if forwarded is not None:
+            return forwarded
     if session is None or session.kind != kind or session.room != room_name:
         raise SignallingError(404, "no such session")
     claims = authenticate(request)

@@ -15,7 +15,7 @@ from typing import Iterator
 import aiohttp
 import pytest
 
-from skyclass.loadtest.clients import IndexedVideoTrack, ToneAudioTrack, publish
+from skyclass.loadtest.clients import IndexedVideoTrack, SignallingFailed, ToneAudioTrack, publish
 from skyclass.media import aiortc_glue
 from skyclass.server.tokens import issue_token
 
@@ -161,8 +161,8 @@ async def test_recordings_catalogue_is_shared_and_replays_redirect(two_nodes: tu
 async def test_students_on_another_node_watch_through_the_relay(two_nodes: tuple[ServerProcess, ServerProcess]) -> None:
     """Scale-out: the teacher publishes on node A; students whose requests land on node B are
     served by B, which relays the room from A (one stream per room per node). A student who
-    joined B before the teacher started follows the lesson when it does; a publisher sent to
-    B is redirected to A, where the room lives."""
+    joined B before the teacher started follows the lesson when it does; a publisher who
+    reaches B is forwarded to A, where the room lives."""
     from test_lifecycle import Student
 
     a, b = two_nodes
@@ -200,12 +200,92 @@ async def test_students_on_another_node_watch_through_the_relay(two_nodes: tuple
                 ops_b = await resp.json()
             assert ops_b["counters"]["packets_in"] > 0 and ops_b["counters"]["packets_out"] > 0, ops_b["counters"]
 
-            # One ingress per room: a publisher who reaches B is sent to A.
-            async with http.post(f"{b.url}/whip/{room}", data="v=0\r\n", allow_redirects=False,
-                                 headers={"Authorization": f"Bearer {tok('teacher', room, 'T')}",
-                                          "Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 307 and resp.headers["Location"] == f"{a.url}/whip/{room}", resp.headers
+
+        # The teacher reconnects through node B (as a load balancer may route it): B forwards the
+        # WHIP to A, where the room lives; the session's resource stays under B; students on
+        # both nodes go on with the new connection's frames without rejoining.
+        video2 = IndexedVideoTrack(fps=15, start=2000)
+        teacher2 = await publish(b.url, room, tok("teacher", room, "T"), [video2, ToneAudioTrack()])
+        await asyncio.wait_for(teacher2.connected.wait(), 15)
+        assert teacher2.resource.startswith(f"{b.url}/whip/{room}/"), teacher2.resource
+        for _ in range(100):
+            if all(max(s.checker.indices) >= 2000 + 15 for s in students):
+                break
+            await asyncio.sleep(0.1)
+        assert all(max(s.checker.indices) >= 2000 + 15 for s in students), [max(s.checker.indices) for s in students]
+        for s in students:
+            assert set(s.checker.indices) <= set(video.sent) | set(video2.sent)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{a.url}/api/rooms/{room}") as resp:
+                assert (await resp.json())["publisher"] == "T"
+            async with http.get(f"{b.url}/api/rooms/{room}") as resp:
+                assert (await resp.json())["upstream"] == "node-a"
+        await teacher2.close()  # DELETE through B, forwarded: the lesson ends on A
+        for _ in range(50):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{a.url}/api/rooms/{room}") as resp:
+                    state = await resp.json()
+            if state["publisher"] is None:
+                break
+            await asyncio.sleep(0.1)
+        assert state["publisher"] is None and state["live"] is False, state
     finally:
         await asyncio.gather(*(s.close() for s in students))
         if teacher is not None:
             await teacher.close()
+
+
+async def test_failover_when_the_rooms_node_dies(redis_url: str, tmp_path: Path) -> None:
+    """kill -9 of the node a lesson lives on: the teacher's client publishes again through the
+    other node (as its page does, with backoff), which takes the room over; that node's
+    students go on with the lesson in the same sessions, without rejoining."""
+    from test_lifecycle import Student
+
+    a = ServerProcess(tmp_path / "a", ["--redis", redis_url, "--node-id", "fail-a", "--workers", "1"])
+    b = ServerProcess(tmp_path / "b", ["--redis", redis_url, "--node-id", "fail-b", "--workers", "1"])
+    room = f"failover-{secrets.token_hex(3)}"
+    aiortc_glue.restrict_host_addresses(["127.0.0.1"])
+    students: list[Student] = []
+    sessions = []
+    try:
+        video = IndexedVideoTrack(fps=15)
+        sessions.append(await publish(a.url, room, tok("teacher", room, "T"), [video, ToneAudioTrack()]))
+        await asyncio.wait_for(sessions[0].connected.wait(), 15)
+        for _ in range(50):
+            if (await get(f"{b.url}/api/rooms/{room}/classroom", tok("teacher", room, "T")))["lives_on"] == "fail-a":
+                break
+            await asyncio.sleep(0.1)
+        students = [await Student().join(b, room, f"s{i}") for i in range(2)]
+        assert all(await asyncio.gather(*(s.wait_frames(15, 30) for s in students)))
+
+        a.proc.kill()  # the room's node dies mid-lesson
+        killed = time.monotonic()
+        video2 = IndexedVideoTrack(fps=15, start=2000)
+        teacher2 = None
+        while teacher2 is None and time.monotonic() - killed < 30:
+            try:  # B forwards to A while A may still be alive, then takes the room itself
+                teacher2 = await publish(b.url, room, tok("teacher", room, "T"), [video2, ToneAudioTrack()])
+            except SignallingFailed as exc:
+                assert exc.status == 503 and "Retry-After" in exc.headers, (exc.status, exc.text)
+                await asyncio.sleep(1.0)
+        assert teacher2 is not None, "node b never took the room over"
+        sessions.append(teacher2)
+        await asyncio.wait_for(teacher2.connected.wait(), 15)
+        for _ in range(200):
+            if all(s.checker.indices and max(s.checker.indices) >= 2000 + 15 for s in students):
+                break
+            await asyncio.sleep(0.1)
+        back = time.monotonic() - killed
+        assert all(max(s.checker.indices) >= 2000 + 15 for s in students), [max(s.checker.indices) for s in students]
+        assert back < 30, back
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{b.url}/api/rooms/{room}") as resp:
+                state = await resp.json()
+        assert state["publisher"] == "T" and state["upstream"] is None and state["viewers"] == 2, state
+        assert (await get(f"{b.url}/api/rooms/{room}/classroom", tok("teacher", room, "T")))["lives_on"] == "fail-b"
+    finally:
+        await asyncio.gather(*(s.close() for s in students))
+        for session in sessions:
+            await session.pc.close()
+        a.stop()
+        b.stop()
