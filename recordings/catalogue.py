@@ -9,6 +9,7 @@ when several nodes share one catalogue.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -116,26 +117,36 @@ class RedisStore:
     def __init__(self, redis: Any, prefix: str = "skyclass:") -> None:
         self.redis = redis
         self.key = prefix + "rec"
+        # Writes one at a time, in call order: two puts of the same recording on two pooled
+        # connections could reach Redis in either order, and a "recording" snapshot landing
+        # after "complete" would leave the lesson unfinished in the catalogue.
+        self._writing: Optional[asyncio.Lock] = None
 
     async def put(self, info: RecordingInfo) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.key, info.id, json.dumps(asdict(info), separators=(",", ":")))
-        pipe.zadd(self.key + ":start", {info.id: info.started_at})
-        pipe.zadd(f"{self.key}:room:{info.room}", {info.id: info.started_at})
-        await pipe.execute()
+        if self._writing is None:
+            self._writing = asyncio.Lock()
+        async with self._writing:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self.key, info.id, json.dumps(asdict(info), separators=(",", ":")))
+            pipe.zadd(self.key + ":start", {info.id: info.started_at})
+            pipe.zadd(f"{self.key}:room:{info.room}", {info.id: info.started_at})
+            await pipe.execute()
 
     async def get(self, recording_id: str) -> Optional[RecordingInfo]:
         raw = await self.redis.hget(self.key, recording_id)
         return RecordingInfo.from_dict(json.loads(raw)) if raw else None
 
     async def delete(self, recording_id: str) -> None:
-        info = await self.get(recording_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.key, recording_id)
-        pipe.zrem(self.key + ":start", recording_id)
-        if info is not None:
-            pipe.zrem(f"{self.key}:room:{info.room}", recording_id)
-        await pipe.execute()
+        if self._writing is None:
+            self._writing = asyncio.Lock()
+        async with self._writing:
+            info = await self.get(recording_id)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hdel(self.key, recording_id)
+            pipe.zrem(self.key + ":start", recording_id)
+            if info is not None:
+                pipe.zrem(f"{self.key}:room:{info.room}", recording_id)
+            await pipe.execute()
 
     async def list(self, room: Optional[str] = None, grade: Optional[str] = None, subject: Optional[str] = None,
                    date: Optional[str] = None) -> list[RecordingInfo]:

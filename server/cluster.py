@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 import aiohttp
 from aiohttp import web
@@ -64,8 +64,7 @@ class Cluster:
         self.edges: dict[tuple, RelayEdge] = {}
         # room -> (home node, its relay address, when we linked it)
         self.upstream: dict[str, tuple[str, tuple, float]] = {}
-        self._task: Optional[asyncio.Task[None]] = None
-        self._advertised_at = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
         self._http: Optional[aiohttp.ClientSession] = None
         # WHIP sessions forwarded to another node: session id -> (its base URL, when)
         self.forwarded: dict[str, tuple[str, float]] = {}
@@ -77,12 +76,15 @@ class Cluster:
         self.port = address[1]
         await self._advertise()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT))
-        self._task = asyncio.ensure_future(self._loop())
+        # Separate loops: a slow refresh (many rooms, Redis lagging) must never let this node's
+        # advertisement lapse, or other nodes would take its rooms over while it still serves them.
+        self._tasks = [asyncio.ensure_future(self._every(ADVERTISE_EVERY, self._advertise, "advertise")),
+                       asyncio.ensure_future(self._every(REFRESH_INTERVAL, self.refresh, "refresh"))]
         logger.info("node=%s cluster relay origin %s:%d, url %s", self.node_id, self.host, self.port, self.url)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         for edge in self.edges.values():
             edge.close()
         self.edges.clear()
@@ -92,19 +94,16 @@ class Cluster:
 
     async def _advertise(self) -> None:
         await self.state.set_node_info(self.node_id, {"relay": [self.host, self.port], "url": self.url}, NODE_INFO_TTL)
-        self._advertised_at = time.monotonic()
 
-    async def _loop(self) -> None:
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]], what: str) -> None:
         while True:
-            await asyncio.sleep(REFRESH_INTERVAL)
+            await asyncio.sleep(interval)
             try:
-                if time.monotonic() - self._advertised_at >= ADVERTISE_EVERY:
-                    await self._advertise()
-                await self.refresh()
+                await step()
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis away for a moment: keep relaying what we relay
-                logger.warning("node=%s cluster refresh failed", self.node_id, exc_info=True)
+                logger.warning("node=%s cluster %s failed", self.node_id, what, exc_info=True)
 
     # signalling hooks -----------------------------------------------------------------
     async def home_elsewhere(self, room_name: str) -> Optional[str]:
