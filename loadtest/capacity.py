@@ -116,6 +116,7 @@ def find_capacity(options: Options) -> dict[str, Any]:
     ttl = 24 * 3600
     cores = os.cpu_count() or 1
     try:
+        target.describe()  # while the servers run
         clip = ensure_clip(scenario.teacher)
         pool = ClientPool(options.workers, target.host_addresses())
         pool.wait_ready()
@@ -160,7 +161,7 @@ def find_capacity(options: Options) -> dict[str, Any]:
             ids = [f"{room}/s{count + i}" for i in range(added)]
             sessions = [{"id": sid, "student": sid, "room": room, "token": target.token("student", room, sid, ttl),
                          "join_at": now + cap.join_ramp * (i + 0.5) / added, "leave_at": now + ttl,
-                         "leave_mode": "end"} for i, sid in enumerate(ids)]
+                         "leave_mode": "end", "url": target.url_for(count + i)} for i, sid in enumerate(ids)]
             pool.add_sessions(target.url, sessions, settings)
             context.update(sessions=goal, label=f"capacity step {goal} students:")
             say(f"step: {goal} students ({added} joining over {cap.join_ramp:g} s)")

@@ -32,7 +32,10 @@ EXIT_PASS, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scenario", help=f"shipped scenario ({', '.join(available_scenarios())}) or a TOML file")
     parser.add_argument("--url", default="local",
-                        help="the deployment's base URL, or 'local' (default) to start a server on this machine")
+                        help="the deployment's base URL (several nodes: comma-separated, students spread over them), "
+                             "or 'local' (default) to start a server on this machine")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="with --url local: start this many servers sharing a throwaway redis-server (a cluster)")
     parser.add_argument("--report", type=Path, required=True, help="directory for report.json and report.html")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the scenario's counts (students, rooms or viewers, as it says); default 1")
@@ -72,8 +75,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         sys.stderr.write(f"skyclass loadtest: {exc}\n")
         return EXIT_ERROR
-    if args.scale <= 0 or args.workers < 1:
-        sys.stderr.write("skyclass loadtest: --scale must be > 0 and --workers >= 1\n")
+    if args.scale <= 0 or args.workers < 1 or args.nodes < 1:
+        sys.stderr.write("skyclass loadtest: --scale must be > 0, --workers and --nodes >= 1\n")
         return EXIT_ERROR
     progress = None if args.quiet else TerminalProgress()
 
@@ -86,6 +89,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     options = Options(scenario=scenario, report_dir=args.report, url=args.url, secret=args.secret or None,
                       scale=args.scale, workers=args.workers, room_prefix=args.room_prefix,
                       server_workers=args.server_workers, max_viewers_per_worker=args.max_viewers_per_worker,
+                      nodes=args.nodes,
                       seed=args.seed, progress=progress, say=say)
     try:
         if args.find_capacity:

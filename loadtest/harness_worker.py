@@ -300,7 +300,9 @@ def harness_worker_main(conn: Any, worker_id: int, host_addresses: Optional[list
             state["limit"] = asyncio.Semaphore(concurrency)
         for spec in sessions_:
             session = sessions[spec["id"]] = LiveSession(spec, feedback)
-            tasks.append(asyncio.ensure_future(session.run(url, state["limit"], timeout, stop_event())))
+            # a spec may name its node (a cluster target spreads students as a load balancer would)
+            tasks.append(asyncio.ensure_future(session.run(spec.get("url") or url, state["limit"], timeout,
+                                                           stop_event())))
         return {"worker": worker_id, "scheduled": len(sessions_)}
 
     async def teach(url: str, clip: str, fps: int, lessons: list[dict]) -> dict:
@@ -310,7 +312,7 @@ def harness_worker_main(conn: Any, worker_id: int, host_addresses: Optional[list
         for spec in lessons:
             teacher = Teacher(spec)
             teachers.append(teacher)
-            tasks.append(asyncio.ensure_future(teacher.run(url, units, opus, fps, stop_event())))
+            tasks.append(asyncio.ensure_future(teacher.run(spec.get("url") or url, units, opus, fps, stop_event())))
         return {"worker": worker_id, "scheduled": len(lessons)}
 
     async def replay(url: str, viewers_: list[dict]) -> dict:

@@ -12,7 +12,9 @@ from ``/proc``. At the end every process returns its sessions' records, and
 :mod:`analysis` turns them into figures and a verdict, :mod:`report` into files.
 
 With ``--url local`` (the default) the harness starts ``skyclass serve`` itself on a free
-port (media on 127.0.0.1 only) and stops it afterwards.
+port (media on 127.0.0.1 only) and stops it afterwards; ``--nodes N`` starts N of them on a
+throwaway Redis (a cluster), and ``--url A,B,…`` names the nodes of a deployment. Students
+and teachers are spread over the nodes round robin, as a load balancer would.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from typing import Any, Callable, Optional
 from skyclass.server.tokens import issue_token
 
 from . import analysis, light_clients
-from .common import (ROOT, PipeProcess, ServerProcess, find_listening_pid, machine_busy_seconds, process_tree_cpu_seconds,
-                     process_tree_rss_bytes, scrape_metrics)
+from .common import (ROOT, PipeProcess, RedisServer, ServerProcess, find_listening_pid, machine_busy_seconds,
+                     process_tree_cpu_seconds, process_tree_rss_bytes, scrape_metrics)
 from .harness_worker import harness_worker_main
 from .scenario import Scenario, Teacher, join_offsets
 
@@ -61,6 +63,7 @@ class Options:
     room_prefix: str = "lt-"
     server_workers: Optional[int] = None
     max_viewers_per_worker: Optional[int] = None
+    nodes: int = 1  # with url "local": servers started, sharing a throwaway Redis when more than one
     seed: int = 1
     progress: Optional[Callable[[dict, dict], None]] = None  # (timeline row, context) -> None
     say: Callable[[str], None] = field(default=lambda text: logger.info("%s", text))
@@ -68,16 +71,11 @@ class Options:
 
 # --- the server under test ---------------------------------------------------------------
 
-class Target:
-    """Where the load goes: a deployment by URL, or a server this harness started.
+class Node:
+    """One server of the target: its URL and, when it runs on this machine, its process."""
 
-    Tokens are signed with the deployment's secret (``--secret`` or ``SKYCLASS_SECRET``):
-    the harness needs nothing else from it. When the server runs on this machine its CPU
-    and memory come from ``/proc`` (its pid found by the port it listens on)."""
-
-    def __init__(self, url: str, secret: str, server: Optional[ServerProcess] = None) -> None:
+    def __init__(self, url: str, server: Optional[ServerProcess] = None) -> None:
         self.url = url.rstrip("/")
-        self.secret = secret
         self.server = server
         self.pid: Optional[int] = server.pid if server else None
         host = urllib.parse.urlsplit(self.url).hostname or ""
@@ -85,13 +83,54 @@ class Target:
         if self.pid is None and self.same_machine:
             port = urllib.parse.urlsplit(self.url).port or 80
             self.pid = find_listening_pid(port)
-        self.data_dir: Optional[Path] = None
+
+
+class Target:
+    """Where the load goes: a deployment by URL (or several nodes of one, comma-separated), or
+    servers this harness started.
+
+    Tokens are signed with the deployment's secret (``--secret`` or ``SKYCLASS_SECRET``):
+    the harness needs nothing else from it. With several nodes, students and teachers are
+    spread over them as a load balancer would (the nodes relay each room among themselves),
+    and the server figures are the sum over the nodes. A node on this machine has its CPU and
+    memory read from ``/proc`` (its pid found by the port it listens on)."""
+
+    def __init__(self, nodes: list[Node], secret: str, redis: Optional[RedisServer] = None) -> None:
+        self.nodes = nodes
+        self.secret = secret
+        self.redis = redis
+        self.data_dirs: list[Path] = []
+        self._description: Optional[dict[str, Any]] = None
+
+    @property
+    def url(self) -> str:
+        """The first node: where one-off requests go (they answer for the whole deployment)."""
+        return self.nodes[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def url_for(self, index: int) -> str:
+        """The node the ``index``-th student (or teacher) reaches: round robin."""
+        return self.nodes[index % len(self.nodes)].url
+
+    @property
+    def server(self) -> Optional[ServerProcess]:
+        return self.nodes[0].server
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.nodes[0].pid
+
+    @property
+    def same_machine(self) -> bool:
+        return all(node.same_machine for node in self.nodes)
 
     @classmethod
     def open(cls, options: Options, say: Callable[[str], None]) -> "Target":
         if options.url.strip().lower() in LOCAL:
             secret = options.secret or secrets.token_urlsafe(32)
-            data = Path(tempfile.mkdtemp(prefix="skyclass-loadtest-server-"))
             extra = []
             settings = options.scenario.run
             workers = options.server_workers if options.server_workers is not None else settings.server_workers
@@ -100,69 +139,109 @@ class Target:
             cap = options.max_viewers_per_worker or settings.max_viewers_per_worker
             if cap is not None:
                 extra += ["--max-viewers-per-worker", str(cap)]
-            server = ServerProcess("skyclass", data, secret, extra)
-            say(f"started a local server: {server.url} (pid {server.pid}, data {data})")
-            target = cls(server.url, secret, server)
-            target.data_dir = data
+            redis = RedisServer() if options.nodes > 1 else None
+            target = cls([], secret, redis)
+            try:
+                for i in range(options.nodes):
+                    data = Path(tempfile.mkdtemp(prefix="skyclass-loadtest-server-"))
+                    node_flags = ["--redis", redis.url, "--node-id", f"lt-node-{i}"] if redis is not None else []
+                    server = ServerProcess("skyclass", data, secret, extra + node_flags)
+                    say(f"started a local server: {server.url} (pid {server.pid}, data {data})")
+                    target.nodes.append(Node(server.url, server))
+                    target.data_dirs.append(data)
+            except Exception:
+                target.close()
+                raise
             return target
         secret = options.secret or os.environ.get("SKYCLASS_SECRET", "")
         if not secret:
             raise HarnessError("a remote target needs its token secret: --secret S or SKYCLASS_SECRET")
-        target = cls(options.url, secret)
-        try:
-            with urllib.request.urlopen(target.url + "/healthz", timeout=10) as resp:
-                resp.read()
-        except (OSError, urllib.error.URLError) as exc:
-            raise HarnessError(f"{target.url}/healthz: {exc}") from exc
+        target = cls([Node(url) for url in options.url.split(",") if url.strip()], secret)
+        for node in target.nodes:
+            try:
+                with urllib.request.urlopen(node.url + "/healthz", timeout=10) as resp:
+                    resp.read()
+            except (OSError, urllib.error.URLError) as exc:
+                raise HarnessError(f"{node.url}/healthz: {exc}") from exc
         return target
 
     def host_addresses(self) -> Optional[list[str]]:
-        """ICE host candidates for the simulated clients: loopback only against a server
-        on this machine (media never leaves 127.0.0.1 then), the machine's interfaces
-        against a deployment elsewhere."""
+        """ICE host candidates for the simulated clients: loopback only against servers on
+        this machine (media never leaves 127.0.0.1 then), the machine's interfaces against a
+        deployment elsewhere."""
         return ["127.0.0.1"] if self.same_machine else None
 
     def token(self, role: str, room: str, name: str, ttl: int) -> str:
         return issue_token(self.secret, role, room, name, ttl)
 
     def cpu_seconds(self) -> Optional[float]:
-        if self.pid is None:
-            return None
-        used = process_tree_cpu_seconds(self.pid)
-        return sum(used.values()) if used else None
+        """CPU of every node's process tree, summed (None if a node's is unknown)."""
+        total = 0.0
+        for node in self.nodes:
+            if node.pid is None:
+                return None
+            used = process_tree_cpu_seconds(node.pid)
+            if not used:
+                return None
+            total += sum(used.values())
+        return total
 
     def rss_bytes(self) -> Optional[int]:
-        return process_tree_rss_bytes(self.pid) if self.pid is not None else None
+        sizes = [process_tree_rss_bytes(node.pid) if node.pid is not None else None for node in self.nodes]
+        return None if any(size is None for size in sizes) else sum(sizes)  # type: ignore[misc]
 
     def metrics(self) -> dict[str, float]:
-        try:
-            return scrape_metrics(self.url, timeout=5)
-        except (OSError, urllib.error.URLError, ValueError) as exc:
-            logger.warning("scraping %s/metrics failed: %s", self.url, exc)
-            return {}
+        """Every node's ``/metrics``, summed (counters and gauges alike: each node counts its own)."""
+        total: dict[str, float] = {}
+        for node in self.nodes:
+            try:
+                values = scrape_metrics(node.url, timeout=5)
+            except (OSError, urllib.error.URLError, ValueError) as exc:
+                logger.warning("scraping %s/metrics failed: %s", node.url, exc)
+                continue
+            for name, value in values.items():
+                total[name] = total.get(name, 0.0) + value
+        return total
 
     def get_json(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
             return json.loads(resp.read())
 
     def describe(self) -> dict[str, Any]:
+        """What the target is; read once while it runs (a started server is gone when the report is built)."""
+        if self._description is None:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"url": self.url, "started_by_harness": self.server is not None,
                                 "same_machine": self.same_machine, "server_pid": self.pid}
-        try:
-            ready = self.get_json("/readyz")
-            info["fan_out_workers"] = len(ready.get("workers", []))
-        except (OSError, urllib.error.URLError, ValueError):
-            pass  # /readyz answers 503 when full: not an error for a description
+        if len(self.nodes) > 1:
+            info["nodes"] = [{"url": node.url, "server_pid": node.pid} for node in self.nodes]
+        workers = 0
+        for node in self.nodes:
+            try:
+                with urllib.request.urlopen(node.url + "/readyz", timeout=10) as resp:
+                    workers += len(json.loads(resp.read()).get("workers", []))
+            except (OSError, urllib.error.URLError, ValueError):
+                pass  # /readyz answers 503 when full: not an error for a description
+        if workers:
+            info["fan_out_workers"] = workers
         return info
 
     def close(self, keep_log: Optional[Path] = None) -> None:
-        if self.server is None:
-            return
-        self.server.stop()
-        if keep_log is not None and self.server.log_path.exists():
-            shutil.copy(self.server.log_path, keep_log)
-        if self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        for i, node in enumerate(self.nodes):
+            if node.server is None:
+                continue
+            node.server.stop()
+            if keep_log is not None and node.server.log_path.exists():
+                name = keep_log.name if i == 0 else f"{keep_log.stem}-node{i}{keep_log.suffix}"
+                shutil.copy(node.server.log_path, keep_log.with_name(name))
+        for data in self.data_dirs:
+            shutil.rmtree(data, ignore_errors=True)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
 
 
 # --- the teacher's clip ---------------------------------------------------------------------
@@ -403,6 +482,7 @@ def run_scenario(options: Options) -> dict[str, Any]:
     pool: Optional[ClientPool] = None
     started = time.time()
     try:
+        target.describe()
         clip = ensure_clip(scenario.teacher)
         pool = ClientPool(options.workers, target.host_addresses())
         pool.wait_ready()
@@ -416,6 +496,11 @@ def run_scenario(options: Options) -> dict[str, Any]:
             f"{len({s['student'] for s in plan.sessions})} students ({len(plan.sessions)} sessions), "
             f"{len(plan.viewers)} replay viewers, {plan.end:.0f} s; {len(pool.students)} client processes")
         t0 = time.monotonic() + 1.0
+        if len(target.nodes) > 1:  # spread as a load balancer would: the nodes relay rooms among themselves
+            for i, lesson in enumerate(plan.lessons):
+                lesson["url"] = target.url_for(i)
+            for i, session in enumerate(plan.sessions):
+                session["url"] = target.url_for(i)
         if plan.lessons or plan.sessions or plan.viewers:
             pool.schedule(target.url, t0, plan, clip, scenario)
             timeline = sample_until(pool, target, t0, plan.end + scenario.run.drain, scenario.run.sample_interval,

@@ -22,7 +22,7 @@ from skyclass.loadtest.scenario import (Objectives, ScenarioError, available_sce
                                         load_scenario, parse_scenario)
 from skyclass.server.cli import main as skyclass_main
 
-from conftest import SECRET, ServerProcess  # the secret the test server signs with
+from conftest import SECRET, ServerProcess, require_binary  # the secret the test server signs with
 
 
 # --- scenarios and arithmetic (no server) ------------------------------------------------
@@ -172,3 +172,23 @@ def test_replay_is_skipped_cleanly_without_recordings(fresh_server: ServerProces
     assert report["verdict"] == "skipped" and report["plan"]["replay_viewers"] == 0
     assert all(row["status"] == "skipped" for row in report["objectives"])
     assert any("no recordings" in note for note in report["notes"])
+
+
+def test_rehearsal_on_a_local_two_node_cluster(tmp_path: Path) -> None:
+    """``--nodes 2``: two servers on a throwaway Redis; the teacher reaches one node and the
+    students are spread over both (as by a load balancer), so the other node relays the room.
+    The verdict, and the server figures summed over both nodes."""
+    require_binary("/usr/bin/redis-server")
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        skyclass_main(["--log-level", "WARNING", "loadtest", "rehearsal", "--nodes", "2", "--server-workers", "1",
+                       "--report", str(out), "--scale", "0.5", "--workers", "2", "--quiet"])
+    assert exit_info.value.code == 0, (out / "report.json").read_text()[:3000] if (out / "report.json").exists() else ""
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass", report["objectives"]
+    assert len(report["target"]["nodes"]) == 2 and report["target"]["fan_out_workers"] == 2, report["target"]
+    joins = report["summary"]["joins"]
+    assert joins["joined"] == joins["attempted"] == report["plan"]["sessions"]
+    assert report["summary"]["cost"]["server_cpu_cores"] > 0
+    # the second node served its share of the students by relaying the room from the first
+    assert "relayed from node lt-node-0" in (out / "server-node1.log").read_text()
