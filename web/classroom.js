@@ -41,11 +41,7 @@
 
   // ---- DOM helpers ---------------------------------------------------------------------------
 
-  function el(tag, props, children) {
-    const node = Object.assign(document.createElement(tag), props || {});
-    for (const child of children || []) if (child != null) node.append(child);
-    return node;
-  }
+  const el = window.skyclass.el;  // skyclass.js
 
   function time(ts) {
     return new Date(ts * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });

@@ -25,11 +25,7 @@
   let previous = null;
   let timer = null;
 
-  function el(tag, props, children) {
-    const node = Object.assign(document.createElement(tag), props || {});
-    if (children) node.append(...children.map((c) => (typeof c === "string" ? document.createTextNode(c) : c)));
-    return node;
-  }
+  const el = window.skyclass.el;  // skyclass.js
 
   function setStatus(state, text) {
     statusPill.dataset.state = state;

@@ -11,11 +11,7 @@
   const root = document.getElementById("recordings");
   if (!root) return;
 
-  function el(tag, props, children) {
-    const node = Object.assign(document.createElement(tag), props || {});
-    for (const child of children || []) node.append(child);
-    return node;
-  }
+  const el = window.skyclass.el;  // skyclass.js
 
   function clock(seconds) {
     seconds = Math.max(0, Math.floor(seconds || 0));

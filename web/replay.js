@@ -230,11 +230,7 @@
 
   // ---- the lesson's Q&A beside the video -------------------------------------------------
 
-  function el(tag, props, children) {
-    const node = Object.assign(document.createElement(tag), props || {});
-    if (children) node.append(...children);
-    return node;
-  }
+  const el = window.skyclass.el;  // skyclass.js
 
   /** One history entry as the replay shows it, or null for what a replay has no use for. */
   function describe(entry) {

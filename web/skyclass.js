@@ -309,6 +309,13 @@
     return { localAddress: local.address || null, remoteAddress: remote.address || null };
   }
 
+  /** A DOM element: ``props`` assigned to it, ``children`` (nodes or strings; null skipped) appended. */
+  function el(tag, props, children) {
+    const node = Object.assign(document.createElement(tag), props || {});
+    for (const child of children || []) if (child != null) node.append(child);
+    return node;
+  }
+
   /** Human-readable codec name from a mime type ("video/H264" → "H264"). */
   function codecName(mimeType) {
     return mimeType ? mimeType.split("/").pop() : "";
@@ -330,5 +337,6 @@
     roomState,
     selectedPair,
     codecName,
+    el,
   });
 })();

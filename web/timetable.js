@@ -16,11 +16,7 @@
   if (!root) return;
   const STORE = "skyclass.token";
 
-  function el(tag, props, children) {
-    const node = Object.assign(document.createElement(tag), props || {});
-    for (const child of children || []) if (child != null) node.append(child);
-    return node;
-  }
+  const el = window.skyclass.el;  // skyclass.js
 
   function today() {
     const d = new Date();
