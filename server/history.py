@@ -19,7 +19,9 @@ import logging
 from datetime import date as Date
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Iterator, Optional
+
+from skyclass.recordings.playlist import write_atomic
 
 from .state import _file_safe
 
@@ -57,16 +59,7 @@ class HistoryLog:
         out: list[dict] = []
         day: Optional[Date] = first
         while day is not None and day <= last:
-            path = self.path(room, day)
-            if path.exists():
-                with path.open(encoding="utf-8") as f:
-                    for line in f:
-                        try:
-                            entry = json.loads(line)
-                        except ValueError:
-                            continue  # a torn last line after a crash
-                        if since <= float(entry.get("ts", 0)) <= until:
-                            out.append(entry)
+            out.extend(e for e in _entries(self.path(room, day)) if since <= float(e.get("ts", 0)) <= until)
             day = day + timedelta(days=1)
         out.sort(key=lambda e: e["ts"])
         return out[-limit:]
@@ -77,30 +70,28 @@ class HistoryLog:
         self._files.clear()
 
 
-def write_recording_history(directory: Path, entries: list[dict]) -> None:
-    """Keep ``entries`` with a recording: written whole, then renamed, so a crash leaves the old
-    copy or the new one, never half of one."""
-    if not directory.is_dir():
-        return
-    tmp = directory / (RECORDING_HISTORY + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for entry in entries:
-            f.write(json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n")
-    tmp.replace(directory / RECORDING_HISTORY)
-
-
-def read_recording_history(directory: Path) -> list[dict]:
-    """The entries kept with a recording; none if it has no copy (still recording, or older)."""
-    path = directory / RECORDING_HISTORY
+def _entries(path: Path) -> Iterator[dict]:
+    """The entries of a JSON-lines file (none if it does not exist), skipping a line torn by a crash."""
     if not path.is_file():
-        return []
-    out: list[dict] = []
+        return
     with path.open(encoding="utf-8") as f:
         for line in f:
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(entry, dict) and "id" in entry and "ts" in entry:
-                out.append(entry)
-    return out
+            if isinstance(entry, dict):
+                yield entry
+
+
+def write_recording_history(directory: Path, entries: list[dict]) -> None:
+    """Keep ``entries`` with a recording: written whole, then renamed, so a crash leaves the old
+    copy or the new one, never half of one."""
+    if directory.is_dir():
+        text = "".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) + "\n" for e in entries)
+        write_atomic(directory / RECORDING_HISTORY, text.encode("utf-8"))
+
+
+def read_recording_history(directory: Path) -> list[dict]:
+    """The entries kept with a recording; none if it has no copy (still recording, or older)."""
+    return [e for e in _entries(directory / RECORDING_HISTORY) if "id" in e and "ts" in e]
