@@ -120,11 +120,15 @@ class RedisStore:
         # Writes one at a time, in call order: two puts of the same recording on two pooled
         # connections could reach Redis in either order, and a "recording" snapshot landing
         # after "complete" would leave the lesson unfinished in the catalogue.
-        self._writing: Optional[asyncio.Lock] = None
+        self._lock: Optional[asyncio.Lock] = None
+
+    @property
+    def _writing(self) -> asyncio.Lock:
+        if self._lock is None:  # made on first use, inside the loop that runs the store
+            self._lock = asyncio.Lock()
+        return self._lock
 
     async def put(self, info: RecordingInfo) -> None:
-        if self._writing is None:
-            self._writing = asyncio.Lock()
         async with self._writing:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.key, info.id, json.dumps(asdict(info), separators=(",", ":")))
@@ -137,8 +141,6 @@ class RedisStore:
         return RecordingInfo.from_dict(json.loads(raw)) if raw else None
 
     async def delete(self, recording_id: str) -> None:
-        if self._writing is None:
-            self._writing = asyncio.Lock()
         async with self._writing:
             info = await self.get(recording_id)
             pipe = self.redis.pipeline(transaction=True)

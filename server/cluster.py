@@ -106,13 +106,18 @@ class Cluster:
                 logger.warning("node=%s cluster %s failed", self.node_id, what, exc_info=True)
 
     # signalling hooks -----------------------------------------------------------------
-    async def home_elsewhere(self, room_name: str) -> Optional[str]:
-        """The base URL of the live node a room lives on, when that is not this node."""
+    async def _other_home(self, room_name: str) -> Optional[str]:
+        """The node a room lives on, when its teacher is not publishing here and that is another node."""
         room = self.registry.get(room_name)
         if room is not None and room.publisher is not None:
             return None
         home = await self.state.room_node(room_name)
-        if not home or home == self.node_id:
+        return home if home and home != self.node_id else None
+
+    async def home_elsewhere(self, room_name: str) -> Optional[str]:
+        """The base URL of the live node a room lives on, when that is not this node."""
+        home = await self._other_home(room_name)
+        if home is None:
             return None
         info = await self.state.node_info(home)
         return str(info["url"]).rstrip("/") if info and info.get("url") else None
@@ -168,11 +173,8 @@ class Cluster:
     async def prepare_viewer(self, room_name: str) -> None:
         """Before a student joins here: when the room lives elsewhere, start relaying it and
         wait (briefly) for its codecs, so the student's answer offers the teacher's."""
-        room = self.registry.get(room_name)
-        if room is not None and room.publisher is not None:
-            return
-        home = await self.state.room_node(room_name)
-        if not home or home == self.node_id:
+        home = await self._other_home(room_name)
+        if home is None:
             return
         room = self.registry.get_or_create(room_name)
         if not await self._link(room, home):

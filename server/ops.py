@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from skyclass.recordings.http import MANAGER_KEY
+
 from .auth import authenticate
 from .errors import HttpError
 from .metrics import node_counters
@@ -40,10 +42,6 @@ def _rss_bytes() -> Optional[int]:
 
 
 def _recording_of(app: web.Application, room: str) -> Optional[dict]:
-    try:
-        from skyclass.recordings.http import MANAGER_KEY
-    except ImportError:  # pragma: no cover - the recorder ships with the server
-        return None
     manager = app.get(MANAGER_KEY)
     recording = manager.active.get(room) if manager is not None else None
     if recording is None:
