@@ -21,17 +21,8 @@ logger = logging.getLogger("skyclass")
 DEMO_ROOM = "demo"
 
 
-def _link_host(config: Config) -> str:
-    if config.public_url:
-        return config.public_url.rstrip("/")
-    host = config.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "localhost"
-    return f"http://{host}:{config.port}"
-
-
 def demo_links(config: Config, secret: str) -> tuple[str, str]:
-    base = _link_host(config)
+    base = config.base_url(wildcard_host="localhost")
     teacher = issue_token(secret, "teacher", DEMO_ROOM, "Demo Teacher")
     student = issue_token(secret, "student", DEMO_ROOM, "Demo Student")
     return f"{base}/teach/{DEMO_ROOM}?token={teacher}", f"{base}/watch/{DEMO_ROOM}?token={student}"
@@ -48,7 +39,7 @@ async def _serve(config: Config) -> None:
     teacher, student = demo_links(config, app["secret"])
     # The links are the product's start screen for a newcomer: stdout, on purpose.
     sys.stdout.write(
-        f"skyclass serving on {_link_host(config)} (data: {config.data}, state: "
+        f"skyclass serving on {config.base_url(wildcard_host='localhost')} (data: {config.data}, state: "
         f"{'redis ' + config.redis if config.redis else 'in-process'})\n"
         f"  teacher: {teacher}\n  student: {student}\n"
     )

@@ -32,12 +32,13 @@ class Config:
     # nodes' edges subscribe there to rooms whose teacher publishes here.
     relay_address: str = "127.0.0.1"
 
-    def base_url(self) -> str:
-        """Where other nodes (and the clients they redirect) reach this one: ``--public-url``, else
-        the listening address, the host's name standing in for a wildcard address."""
+    def base_url(self, wildcard_host: Optional[str] = None) -> str:
+        """Where others reach this node: ``--public-url``, else the listening address, a wildcard
+        address standing for ``wildcard_host`` (default the host's name, which other nodes can
+        resolve; demo links printed for the person at this machine pass "localhost")."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else (wildcard_host or socket.getfqdn())
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
